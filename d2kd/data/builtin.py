@@ -1,0 +1,51 @@
+"""
+Datasets that ship with d2kd, and registration of a user's COCO-json dataset.
+
+BCCD (blood cells, MIT licence) lives in ``datasets/bccd`` of the repository. The root is
+found from ``$D2KD_DATASETS`` if set, else ``./datasets``, else the repository's copy.
+"""
+
+import os
+from typing import Optional, Sequence
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+
+from .voc import DatasetFormatError, register_voc_dataset
+
+__all__ = ["BCCD_CLASSES", "register_bccd", "register_coco_dataset", "datasets_root"]
+
+BCCD_CLASSES = ("RBC", "WBC", "Platelets")
+BCCD_SPLITS = {"bccd_train": "train", "bccd_val": "val", "bccd_trainval": "trainval", "bccd_test": "test"}
+
+
+def datasets_root() -> str:
+    """The folder holding ``bccd/``: ``$D2KD_DATASETS``, ``./datasets`` or the repo's copy."""
+    env = os.environ.get("D2KD_DATASETS")
+    if env:
+        return env
+    if os.path.isdir(os.path.join("datasets", "bccd")):
+        return "datasets"
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "datasets")
+
+
+def register_bccd(root: Optional[str] = None):
+    """Register ``bccd_{train,val,trainval,test}`` (idempotent)."""
+    dirname = os.path.join(root or datasets_root(), "bccd")
+    for name, split in BCCD_SPLITS.items():
+        if name in DatasetCatalog.list():
+            continue
+        register_voc_dataset(name, dirname, split, BCCD_CLASSES)
+
+
+def register_coco_dataset(name: str, json_file: str, image_root: str, class_names: Sequence[str] = ()):
+    """Register a user's COCO-format json dataset; checks the paths before registering."""
+    if not os.path.isfile(json_file):
+        raise DatasetFormatError(f"COCO annotation file not found: {json_file}.")
+    if not os.path.isdir(image_root):
+        raise DatasetFormatError(f"COCO image folder not found: {image_root}.")
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    metadata = {"thing_classes": list(class_names)} if class_names else {}
+    register_coco_instances(name, metadata, json_file, image_root)

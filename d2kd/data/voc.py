@@ -1,0 +1,144 @@
+"""
+Pascal VOC loading and registration with validation.
+
+Detectron2 ships ``load_voc_instances``, but it keeps degenerate boxes (BCCD has two
+zero-area boxes) and fails with a bare ``ParseError`` or ``ValueError`` on a broken
+file. This loader names the file and the fix instead, and drops boxes with no area.
+"""
+
+import logging
+import os
+import xml.etree.ElementTree as ET
+from typing import Dict, List, Sequence
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+
+__all__ = ["load_voc_detection", "register_voc_dataset"]
+
+logger = logging.getLogger(__name__)
+
+
+class DatasetFormatError(ValueError):
+    """A user's dataset file is missing or malformed; the message names the file."""
+
+
+def _read_split(dirname: str, split: str) -> List[str]:
+    split_file = os.path.join(dirname, "ImageSets", "Main", split + ".txt")
+    if not os.path.isfile(split_file):
+        raise DatasetFormatError(
+            f"Pascal VOC split file not found: {split_file}. A VOC dataset needs "
+            "ImageSets/Main/<split>.txt listing one image id per line; check the dataset "
+            "root and the split name."
+        )
+    with open(split_file) as f:
+        ids = [line.strip().split()[0] for line in f if line.strip()]
+    if not ids:
+        raise DatasetFormatError(f"Split file {split_file} lists no images: the dataset is empty.")
+    return ids
+
+
+def _parse_box(obj, anno_file: str) -> List[float]:
+    bndbox = obj.find("bndbox")
+    if bndbox is None:
+        raise DatasetFormatError(f"{anno_file}: an <object> has no <bndbox>; fix or remove it.")
+    try:
+        box = [float(bndbox.find(tag).text) for tag in ("xmin", "ymin", "xmax", "ymax")]
+    except (AttributeError, TypeError, ValueError) as e:
+        raise DatasetFormatError(
+            f"{anno_file}: <bndbox> needs numeric xmin, ymin, xmax, ymax ({e})."
+        ) from e
+    # VOC coordinates are 1-based inclusive pixel indices; Detectron2 uses 0-based
+    # continuous coordinates (the same convention as detectron2's own VOC loader).
+    box[0] -= 1.0
+    box[1] -= 1.0
+    return box
+
+
+def _parse_annotation(
+    anno_file: str, image_file: str, image_id: str, class_names: Sequence[str]
+) -> Dict:
+    if not os.path.isfile(anno_file):
+        raise DatasetFormatError(f"Annotation file not found: {anno_file} (listed in the split).")
+    if not os.path.isfile(image_file):
+        raise DatasetFormatError(f"Image file not found: {image_file} (listed in the split).")
+    try:
+        tree = ET.parse(anno_file)
+    except ET.ParseError as e:
+        raise DatasetFormatError(f"Corrupt annotation file {anno_file}: {e}. Fix the XML.") from e
+    try:
+        height = int(tree.findall("./size/height")[0].text)
+        width = int(tree.findall("./size/width")[0].text)
+    except (IndexError, TypeError, ValueError) as e:
+        raise DatasetFormatError(
+            f"{anno_file}: <size> must hold integer <width> and <height>."
+        ) from e
+    annotations = []
+    for obj in tree.findall("object"):
+        name_node = obj.find("name")
+        name = name_node.text.strip() if name_node is not None and name_node.text else None
+        if name not in class_names:
+            raise DatasetFormatError(
+                f"{anno_file}: object class {name!r} is not one of the dataset's classes "
+                f"{list(class_names)}. Pass the full class list when registering the dataset."
+            )
+        box = _parse_box(obj, anno_file)
+        if box[2] <= box[0] or box[3] <= box[1]:
+            logger.warning(f"{anno_file}: dropping a zero-area box {box} of class {name}.")
+            continue
+        difficult_node = obj.find("difficult")
+        is_crowd = int(difficult_node.text) if difficult_node is not None and difficult_node.text else 0
+        annotations.append(
+            {
+                "category_id": list(class_names).index(name),
+                "bbox": box,
+                "bbox_mode": BoxMode.XYXY_ABS,
+                # VOC "difficult" objects are kept for training, as Detectron2 does;
+                # the COCO evaluator ignores them like crowd regions.
+                "iscrowd": 0,
+                "difficult": is_crowd,
+            }
+        )
+    return {
+        "file_name": image_file,
+        "image_id": image_id,
+        "height": height,
+        "width": width,
+        "annotations": annotations,
+    }
+
+
+def load_voc_detection(dirname: str, split: str, class_names: Sequence[str]) -> List[Dict]:
+    """
+    Load a Pascal VOC layout (``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/``) into
+    Detectron2's dataset-dict format, validating every file it reads.
+
+    Args:
+        dirname: dataset root.
+        split: name of a file in ``ImageSets/Main`` without ``.txt``.
+        class_names: the dataset's classes; the index is the category id.
+    """
+    dicts = []
+    for image_id in _read_split(dirname, split):
+        anno_file = os.path.join(dirname, "Annotations", image_id + ".xml")
+        image_file = os.path.join(dirname, "JPEGImages", image_id + ".jpg")
+        dicts.append(_parse_annotation(anno_file, image_file, image_id, class_names))
+    return dicts
+
+
+def register_voc_dataset(name: str, dirname: str, split: str, class_names: Sequence[str]):
+    """
+    Register a Pascal VOC dataset of a user's under ``name``, for ``DATASETS.TRAIN/TEST``.
+
+    Evaluation uses COCO-style AP (Detectron2's ``COCOEvaluator`` converts the dicts).
+    """
+    if not os.path.isdir(dirname):
+        raise DatasetFormatError(f"Dataset root {dirname} does not exist.")
+    class_names = list(class_names)
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: load_voc_detection(dirname, split, class_names))
+    MetadataCatalog.get(name).set(
+        thing_classes=class_names, dirname=dirname, split=split, evaluator_type="coco"
+    )

@@ -1,0 +1,4 @@
+from .checkpoint import SafeCheckpointer
+from .trainer import DistillTrainer
+
+__all__ = ["DistillTrainer", "SafeCheckpointer"]

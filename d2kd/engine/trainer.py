@@ -1,0 +1,159 @@
+"""
+``DistillTrainer``: Detectron2's ``DefaultTrainer`` with a frozen teacher and distillation
+heads. A config without ``DISTILL.HEADS`` trains a plain detector (teachers, baselines).
+"""
+
+import copy
+import logging
+import os
+import weakref
+from collections import OrderedDict
+
+import torch
+from detectron2.engine import DefaultTrainer, SimpleTrainer, AMPTrainer, create_ddp_model, hooks
+from detectron2.engine.train_loop import TrainerBase
+from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..heads import BuildContext, build_distill_heads
+from ..modeling.distiller import DistillationModel
+from ..modeling.schedule import DistillSchedule
+from ..modeling.teacher import build_teacher, build_teacher_cfg
+from ..data.sampler import ResumedTrainingSampler
+from .checkpoint import SafeCheckpointer
+from .rng import RNGState
+
+__all__ = ["DistillTrainer"]
+
+logger = logging.getLogger(__name__)
+
+
+class DistillTrainer(DefaultTrainer):
+    """
+    Trains ``build_model(cfg)`` (the student) with the distillation heads named in
+    ``cfg.DISTILL.HEADS``, from the teacher in ``cfg.DISTILL.TEACHER``.
+
+    - The teacher is built from its own config, loaded strictly, frozen, kept in eval mode and
+      run under ``no_grad``; it is not in the student's state_dict, optimizer or DDP wrapper.
+    - The optimised module is ``student + heads`` (:class:`DistillationModel`), wrapped once
+      in DDP. Adapters are built before the optimizer, from the shapes the models report.
+    - Checkpoints hold the student under ``"model"`` (so they load into plain Detectron2 with
+      no missing or unexpected keys) and the heads' trainable parts under ``"distiller"``.
+    - With ``DISTILL.EVAL_TEACHER`` the teacher is evaluated once and reported beside the
+      student as ``teacher/...`` metrics.
+    """
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        student = self.build_model(cfg)
+        self.teacher = None
+        self.heads = torch.nn.ModuleDict()
+        model = student
+        if cfg.DISTILL.HEADS:
+            self.teacher = self.build_teacher(cfg)
+            context = BuildContext(student, self.teacher, cfg, self.teacher.d2kd_cfg)
+            self.heads = build_distill_heads(cfg, context).to(student.device)
+            model = DistillationModel(
+                student, self.teacher, self.heads, DistillSchedule.from_config(cfg), cfg.DISTILL.TEACHER.INPUT_SCALE
+            )
+        self.student = student
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        model = create_ddp(model, student.device)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        checkpointables = {"distiller": self.heads} if len(self.heads) else {}
+        # Random generator state, restored on resume in single-process runs (see RNGState).
+        self._rng_state = RNGState()
+        checkpointables["rng"] = self._rng_state
+        self.checkpointer = SafeCheckpointer(student, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **checkpointables)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self._teacher_results = None
+        self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume=True):
+        """
+        As in Detectron2, plus: a resumed run continues the training data stream where it
+        stopped (instead of restarting it) and restores the random generators, so ``N``
+        iterations straight equal ``k`` + resume + ``N - k``.
+        """
+        super().resume_or_load(resume=resume)
+        if resume and self.start_iter > 0:
+            self._trainer.reset_data_loader(lambda: self.build_train_loader(self.cfg, start_iter=self.start_iter))
+
+    @classmethod
+    def build_train_loader(cls, cfg, start_iter: int = 0):
+        """
+        Detectron2's train loader, whose sampler skips what ``start_iter`` iterations
+        consumed. With ``SEED >= 0`` the loader draws from its own seeded generator, not
+        torch's global one, so creating it does not shift the training's random stream.
+        """
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            if start_iter:
+                logger.warning(f"{cfg.DATALOADER.SAMPLER_TRAIN} cannot skip consumed data: the data order restarts.")
+            return super().build_train_loader(cfg)
+        seed = cfg.SEED if cfg.SEED >= 0 else None
+        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        per_rank_batch = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+        sampler = ResumedTrainingSampler(len(dataset), seed=seed, skip_per_rank=start_iter * per_rank_batch)
+        return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler, seed=seed)
+
+    @classmethod
+    def build_teacher(cls, cfg):
+        """The frozen teacher; override to build it differently."""
+        return build_teacher(cfg)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """COCO-style AP/AP50/AP75 for every dataset (VOC datasets are converted)."""
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+    def build_hooks(self):
+        """Detectron2's hooks, with the evaluation reporting the teacher beside the student."""
+        ret = super().build_hooks()
+        for i, hook in enumerate(ret):
+            if isinstance(hook, hooks.EvalHook):
+                ret[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate_student_and_teacher)
+        return ret
+
+    def _evaluate_student_and_teacher(self):
+        results = self.test(self.cfg, self.student)
+        if self.cfg.DISTILL.EVAL_TEACHER and self.teacher is not None:
+            if self._teacher_results is None:  # the teacher is frozen: measure it once
+                self._teacher_results = self.test_teacher(self.cfg, self.teacher)
+            results = OrderedDict(results)
+            results.update(self._teacher_results)
+        self._last_eval_results = results
+        return results
+
+    @classmethod
+    def test_teacher(cls, cfg, teacher=None):
+        """
+        Evaluate the teacher on the student's test sets, fed through the teacher's own input
+        pipeline. Returns results keyed ``teacher/<task>``.
+        """
+        teacher = teacher if teacher is not None else build_teacher(cfg)
+        teacher_cfg = build_teacher_cfg(cfg).clone()
+        teacher_cfg.defrost()
+        teacher_cfg.DATASETS.TEST = cfg.DATASETS.TEST
+        teacher_cfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, "teacher_eval")
+        teacher_cfg.TEST.EXPECTED_RESULTS = []
+        results = cls.test(teacher_cfg, teacher)
+        teacher.eval()  # inference_on_dataset restores the previous mode; keep it eval
+        return OrderedDict((f"teacher/{k}", copy.deepcopy(v)) for k, v in results.items())
+
+
+def create_ddp(model, device):
+    """``create_ddp_model`` that also works on CPU (gloo), where ``device_ids`` must be None."""
+    device_ids = None if torch.device(device).type == "cpu" else [comm.get_local_rank()]
+    return create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)

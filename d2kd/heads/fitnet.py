@@ -1,0 +1,45 @@
+"""FitNets hints on FPN levels (Romero et al., ICLR 2015; methods.md 5.2)."""
+
+from detectron2.config import CfgNode as CN
+
+from ..losses import feature_mse
+from ..modeling.feature_pairs import add_feature_pairing_config, feature_pairing_from_config
+from .base import DISTILL_HEAD_REGISTRY, DistillHead
+
+__all__ = ["FitNet"]
+
+
+@DISTILL_HEAD_REGISTRY.register()
+class FitNet(DistillHead):
+    """
+    FitNets hint loss ``L_hint = ||u_T(x) - r(v_S(x))||^2`` (Romero et al. 2015, Eq. 2), with
+    a learned regressor ``r`` (1x1 conv adapter) per level, applied jointly with detection
+    training on whole feature maps (no mask), as detection papers use it (e.g. the "FitNet"
+    row of Tang et al. 2022, Table 2).
+
+    One term per level, ``WEIGHT * mean((r(S_l) - T_l)^2)``, logged as
+    ``loss_kd_fitnet_<level>``; levels are summed. The original's ½ factor and two-stage
+    hint pre-training are not used (methods.md 5.2: single-stage joint training with a
+    mean-reduced MSE is the detection practice).
+    """
+
+    @classmethod
+    def add_config(cls, cfg):
+        cfg.DISTILL.FITNET = CN()
+        cfg.DISTILL.FITNET.WEIGHT = 1.0
+        add_feature_pairing_config(cfg.DISTILL.FITNET)
+
+    def __init__(self, cfg, context):
+        super().__init__(cfg, context)
+        opts = self.options(cfg)
+        self.weight = opts.WEIGHT
+        self.pairing = feature_pairing_from_config(opts, context, cfg)
+        self.student_modules = list(self.pairing.student_modules)
+        self.teacher_modules = list(self.pairing.teacher_modules)
+        self.teacher_parts = {"backbone"}
+
+    def forward(self, student, teacher, step):
+        return {
+            level: self.weight * feature_mse(adapted, target)
+            for level, adapted, target, _ in self.pairing.pairs(student, teacher)
+        }

@@ -1,0 +1,115 @@
+"""
+The module the trainer optimises: the student plus the distillation heads.
+
+The teacher is held by reference and is **not** a submodule, so it is not in the
+state_dict, the optimizer or the DDP wrapper, and ``train()`` never reaches it (design
+lesson 1). In eval mode the module is exactly the student.
+"""
+
+import logging
+from typing import Dict, List
+
+import torch
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from ..capture import Recorder
+from ..heads.base import StepInputs
+from .schedule import DistillSchedule
+from .teacher import TeacherRunner
+
+__all__ = ["DistillationModel"]
+
+logger = logging.getLogger(__name__)
+
+
+class DistillationModel(nn.Module):
+    """
+    Args:
+        student: a Detectron2 meta-architecture in training mode.
+        teacher: the frozen teacher (kept outside the module tree).
+        heads: the distillation heads (their trainable parts are submodules).
+        schedule: maps the iteration to a factor on every distillation term.
+        teacher_input_scale: the teacher's input resolution relative to the student's.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        heads: nn.ModuleDict,
+        schedule: DistillSchedule,
+        teacher_input_scale: float = 1.0,
+    ):
+        super().__init__()
+        self.student = student
+        self.heads = heads
+        self.schedule = schedule
+        object.__setattr__(self, "teacher", teacher)  # not registered as a submodule
+
+        student_modules = sorted({m for h in heads.values() for m in h.student_modules})
+        student_methods = sorted({m for h in heads.values() for m in h.student_methods} | {"preprocess_image"})
+        teacher_modules = sorted({m for h in heads.values() for m in h.teacher_modules})
+        teacher_methods = sorted({m for h in heads.values() for m in h.teacher_methods})
+        teacher_parts = set().union(*[h.teacher_parts for h in heads.values()]) if len(heads) else set()
+        self.student_recorder = Recorder(student, student_modules, student_methods, role="student")
+        self.teacher_recorder = Recorder(teacher, teacher_modules, teacher_methods, role="teacher")
+        self.teacher_runner = TeacherRunner(
+            teacher, teacher_parts, self.teacher_recorder, student.input_format, teacher_input_scale
+        )
+        logger.info(
+            f"Distillation heads {list(heads.keys())}; student captures {student_modules + student_methods}; "
+            f"teacher runs {sorted(self.teacher_runner.parts)} and captures {teacher_modules + teacher_methods}."
+        )
+
+    @property
+    def device(self):
+        return self.student.device
+
+    def forward(self, batched_inputs: List[dict]):
+        if not self.training:
+            return self.student(batched_inputs)
+        with self.student_recorder.recording():
+            losses = self.student(batched_inputs)
+        student_records = self.student_recorder.pop()
+        iteration = _current_iteration()
+        factor = self.schedule(iteration)
+        if factor == 0.0:
+            losses.update(self._inactive_terms())
+            return losses
+        teacher_records, teacher_images = self.teacher_runner(batched_inputs, student_records)
+        step = StepInputs(
+            batched_inputs=batched_inputs,
+            gt_instances=[x["instances"].to(self.device) for x in batched_inputs],
+            student_images=student_records.output("preprocess_image"),
+            teacher_images=teacher_images,
+            iteration=iteration,
+        )
+        for head_name, head in self.heads.items():
+            for term, value in head(student_records, teacher_records, step).items():
+                losses[_loss_key(head_name, term)] = value * factor
+        return losses
+
+    def _inactive_terms(self) -> Dict[str, torch.Tensor]:
+        """
+        Zero terms while distillation is off (warm-up, after STOP_ITER). They touch every
+        trainable head parameter so DDP sees the same parameters used at every step and
+        needs no ``find_unused_parameters``.
+        """
+        terms = {}
+        for head_name, head in self.heads.items():
+            params = [p for p in head.parameters() if p.requires_grad]
+            zero = sum((p.sum() * 0.0 for p in params), torch.zeros((), device=self.device))
+            terms[_loss_key(head_name, "")] = zero
+        return terms
+
+
+def _loss_key(head_name: str, term: str) -> str:
+    return f"loss_kd_{head_name}" + (f"_{term}" if term else "")
+
+
+def _current_iteration() -> int:
+    try:
+        return get_event_storage().iter
+    except AssertionError:  # called outside a trainer (tests, pre-flight check)
+        return 0

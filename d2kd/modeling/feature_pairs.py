@@ -1,0 +1,132 @@
+"""
+Student/teacher feature correspondence with one adapter per pair: the shared piece of every
+feature-imitation head (FitNets hints, Chen et al. hints, FBKD, FGFI, DeFeat, CWD, FGD, ...).
+
+Design lessons 6 and 7: one head spec expands over all levels, and adapters are sized from
+the shapes the two models report, before the optimizer is created.
+"""
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..capture import feature_shapes, feature_source
+from .adapters import FeatureAdapter
+
+__all__ = ["FeaturePairing"]
+
+
+class FeaturePairing(nn.Module):
+    """
+    Pairs ``student_features[i]`` with ``teacher_features[i]`` and adapts the student side.
+
+    Args:
+        student, teacher: the two models (only their reported shapes are read).
+        student_features: e.g. ``["p2", "p3", "p4", "p5", "p6"]``.
+        teacher_features: defaults to the same names.
+        teacher_input_scale: the teacher's input resolution relative to the student's.
+        adapter options: see :class:`FeatureAdapter`.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        student_features: Sequence[str],
+        teacher_features: Optional[Sequence[str]] = None,
+        teacher_input_scale: float = 1.0,
+        adapter_kernel: int = 1,
+        adapter_enabled: bool = True,
+        adapter_init_std: Optional[float] = None,
+        adapter_relu: bool = False,
+    ):
+        super().__init__()
+        student_features = list(student_features)
+        teacher_features = list(teacher_features) if teacher_features else list(student_features)
+        if not student_features:
+            raise ValueError("A feature head needs at least one feature in IN_FEATURES.")
+        if len(student_features) != len(teacher_features):
+            raise ValueError(
+                f"Student features {student_features} and teacher features {teacher_features} "
+                "must pair one to one."
+            )
+        s_shapes = feature_shapes(student, student_features, "student")
+        t_shapes = feature_shapes(teacher, teacher_features, "teacher")
+        self.names = student_features
+        self.teacher_names = dict(zip(student_features, teacher_features))
+        self.adapters = nn.ModuleDict()
+        for s_name, t_name in self.teacher_names.items():
+            s_shape, t_shape = s_shapes[s_name], t_shapes[t_name]
+            # Cells per input pixel of the student image on each side.
+            ratio = (t_shape.stride / teacher_input_scale) / s_shape.stride
+            if not (1 / 8 <= ratio <= 8):
+                raise ValueError(
+                    f"Student feature '{s_name}' (stride {s_shape.stride}) cannot be aligned with "
+                    f"teacher feature '{t_name}' (stride {t_shape.stride}, input scale "
+                    f"{teacher_input_scale}): their resolutions differ by {ratio:g}x. Pair stages of "
+                    "similar stride."
+                )
+            try:
+                self.adapters[s_name] = FeatureAdapter(
+                    s_shape.channels,
+                    t_shape.channels,
+                    kernel_size=adapter_kernel,
+                    enabled=adapter_enabled,
+                    init_std=adapter_init_std,
+                    relu=adapter_relu,
+                )
+            except ValueError as e:
+                raise ValueError(f"Feature pair {s_name} -> {t_name}: {e}") from e
+        self.student_modules = sorted({feature_source(student, n, "student") for n in student_features})
+        self.teacher_modules = sorted({feature_source(teacher, n, "teacher") for n in teacher_features})
+        self._student_sources = {n: feature_source(student, n) for n in student_features}
+        self._teacher_sources = {n: feature_source(teacher, n) for n in teacher_features}
+
+    def student_feature(self, records, name: str) -> torch.Tensor:
+        return records.output(self._student_sources[name])[name]
+
+    def teacher_feature(self, records, name: str) -> torch.Tensor:
+        t_name = self.teacher_names[name]
+        return records.output(self._teacher_sources[t_name])[t_name]
+
+    def pairs(self, student_records, teacher_records) -> List[Tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """For each pair: ``(name, adapted student, teacher, raw student)``, sizes aligned."""
+        out = []
+        for name in self.names:
+            s = self.student_feature(student_records, name)
+            t = self.teacher_feature(teacher_records, name)
+            out.append((name, self.adapters[name](s, size=t.shape[-2:]), t, s))
+        return out
+
+
+def add_feature_pairing_config(node, in_features=("p2", "p3", "p4", "p5", "p6"), kernel_size=1, init_std=0.0, relu=False):
+    """
+    Add the options of a :class:`FeaturePairing` to a head's config node:
+    ``IN_FEATURES``, ``TEACHER_FEATURES`` (empty: same names) and ``ADAPTER.{ENABLED,
+    KERNEL_SIZE, INIT_STD (0 = PyTorch default), RELU}``.
+    """
+    from detectron2.config import CfgNode as CN
+
+    node.IN_FEATURES = list(in_features)
+    node.TEACHER_FEATURES = []
+    node.ADAPTER = CN()
+    node.ADAPTER.ENABLED = True
+    node.ADAPTER.KERNEL_SIZE = kernel_size
+    node.ADAPTER.INIT_STD = init_std
+    node.ADAPTER.RELU = relu
+
+
+def feature_pairing_from_config(node, context, cfg) -> FeaturePairing:
+    """Build the :class:`FeaturePairing` that ``add_feature_pairing_config`` describes."""
+    return FeaturePairing(
+        context.student,
+        context.teacher,
+        node.IN_FEATURES,
+        node.TEACHER_FEATURES,
+        teacher_input_scale=cfg.DISTILL.TEACHER.INPUT_SCALE,
+        adapter_kernel=node.ADAPTER.KERNEL_SIZE,
+        adapter_enabled=node.ADAPTER.ENABLED,
+        adapter_init_std=node.ADAPTER.INIT_STD or None,
+        adapter_relu=node.ADAPTER.RELU,
+    )

@@ -1,0 +1,183 @@
+"""
+The teacher: built from its own Detectron2 config, loaded strictly, frozen, and run only as
+far as the heads need (design lessons 1-3).
+"""
+
+import logging
+import os
+from typing import List, Set
+
+import torch
+import torch.nn.functional as F
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, ImageList
+from torch import nn
+
+from ..capture import Recorder, Records
+from ..config.setup import load_config_file
+
+__all__ = ["build_teacher_cfg", "build_teacher", "load_teacher_weights", "TeacherRunner", "TeacherWeightsError"]
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherWeightsError(RuntimeError):
+    """The teacher's weights are missing or do not match its architecture."""
+
+
+def build_teacher_cfg(cfg: CfgNode) -> CfgNode:
+    """The teacher's own config (path or model-zoo name), on the student's device."""
+    teacher_cfg = load_config_file(
+        cfg.DISTILL.TEACHER.CONFIG_FILE, cfg.DISTILL.TEACHER.OPTS, role="teacher config (DISTILL.TEACHER.CONFIG_FILE)"
+    )
+    teacher_cfg.defrost()
+    teacher_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+    teacher_cfg.MODEL.WEIGHTS = cfg.DISTILL.TEACHER.WEIGHTS
+    teacher_cfg.DISTILL.HEADS = []
+    teacher_cfg.freeze()
+    return teacher_cfg
+
+
+def load_teacher_weights(teacher: nn.Module, weights: str, strict: bool = True):
+    """
+    Load ``weights`` into ``teacher``. Missing file: error. Missing, unexpected or
+    wrongly shaped parameters: error when ``strict`` (the default), logged otherwise.
+    A teacher is never left with random weights silently.
+    """
+    if not weights:
+        raise TeacherWeightsError(
+            "DISTILL.TEACHER.WEIGHTS is empty: d2kd will not distil from a randomly initialised "
+            "teacher. Train the teacher first (python train_net.py --config-file <teacher.yaml>) "
+            "and set DISTILL.TEACHER.WEIGHTS to its model_final.pth."
+        )
+    if "://" not in weights and not os.path.isfile(weights):
+        raise TeacherWeightsError(
+            f"Teacher weights file not found: {weights}. Set DISTILL.TEACHER.WEIGHTS to a trained "
+            "teacher checkpoint (e.g. output/<teacher>/model_final.pth)."
+        )
+    checkpointer = _ReportingCheckpointer(teacher)
+    checkpointer.load(weights)
+    incompatible = checkpointer.incompatible
+    problems = {
+        "missing": list(incompatible.missing_keys),
+        "unexpected": list(incompatible.unexpected_keys),
+        "wrong shape": [k for k, _, _ in getattr(incompatible, "incorrect_shapes", [])],
+    }
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        report = "; ".join(f"{k} ({len(v)}): {v[:8]}{' ...' if len(v) > 8 else ''}" for k, v in problems.items())
+        message = (
+            f"Teacher weights {weights} do not match the teacher architecture: {report}. Check "
+            "DISTILL.TEACHER.CONFIG_FILE is the config the weights were trained with"
+        )
+        if strict:
+            raise TeacherWeightsError(message + ", or set DISTILL.TEACHER.STRICT_LOAD False to load partially.")
+        logger.warning(message + " (partial loading allowed by DISTILL.TEACHER.STRICT_LOAD False).")
+
+
+class _ReportingCheckpointer(DetectionCheckpointer):
+    """Keeps the missing/unexpected/mis-shaped keys of the last load for the strict check."""
+
+    incompatible = None
+
+    def _load_model(self, checkpoint):
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
+
+
+def build_teacher(cfg: CfgNode) -> nn.Module:
+    """Build, load and freeze the teacher described by ``cfg.DISTILL.TEACHER``."""
+    teacher_cfg = build_teacher_cfg(cfg)
+    teacher = build_model(teacher_cfg)
+    load_teacher_weights(teacher, cfg.DISTILL.TEACHER.WEIGHTS, cfg.DISTILL.TEACHER.STRICT_LOAD)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher.d2kd_cfg = teacher_cfg
+    logger.info(f"Teacher loaded from {cfg.DISTILL.TEACHER.WEIGHTS} ({cfg.DISTILL.TEACHER.CONFIG_FILE}).")
+    return teacher
+
+
+class TeacherRunner:
+    """
+    Runs only the teacher parts the heads need, under ``no_grad`` and in eval mode, on the
+    same batch as the student, with the teacher's own pixel mean/std and channel order.
+
+    Args:
+        teacher: the frozen teacher.
+        parts: subset of ``{"backbone", "rpn", "roi_box"}``.
+        recorder: the teacher's recorder (hooks on the modules the heads read).
+        student_input_format: the channel order of ``batched_inputs["image"]``.
+        input_scale: teacher input resolution / student input resolution.
+    """
+
+    def __init__(self, teacher: nn.Module, parts: Set[str], recorder: Recorder, student_input_format: str, input_scale: float = 1.0):
+        self.teacher = teacher
+        self.parts = set(parts)
+        if self.parts & {"rpn", "roi_box"}:
+            self.parts.add("backbone")
+        self.recorder = recorder
+        self.flip_channels = _needs_channel_flip(student_input_format, getattr(teacher, "input_format", student_input_format))
+        self.input_scale = float(input_scale)
+
+    def preprocess(self, batched_inputs: List[dict]) -> ImageList:
+        """Normalise with the teacher's statistics and pad with its size divisibility."""
+        teacher = self.teacher
+        images = []
+        for x in batched_inputs:
+            image = x["image"].to(teacher.pixel_mean.device)
+            if self.flip_channels:
+                image = image.flip(0)
+            image = (image - teacher.pixel_mean) / teacher.pixel_std
+            if self.input_scale != 1.0:
+                image = F.interpolate(image[None], scale_factor=self.input_scale, mode="bilinear", align_corners=False)[0]
+            images.append(image)
+        return ImageList.from_tensors(
+            images,
+            teacher.backbone.size_divisibility,
+            padding_constraints=getattr(teacher.backbone, "padding_constraints", None),
+        )
+
+    @torch.no_grad()
+    def __call__(self, batched_inputs: List[dict], student_records: Records):
+        """Returns ``(teacher records, teacher ImageList)``; empty records if no part is needed."""
+        if not self.parts:
+            return Records({}), None
+        teacher = self.teacher
+        teacher.eval()  # re-applied every step: a trainer's train() must never reach it
+        images = self.preprocess(batched_inputs)
+        with self.recorder.recording():
+            features = teacher.backbone(images.tensor)
+            if "rpn" in self.parts:
+                rpn = teacher.proposal_generator
+                teacher_rpn_features = [features[f] for f in rpn.in_features]
+                rpn.anchor_generator(teacher_rpn_features)
+                rpn.rpn_head(teacher_rpn_features)
+            if "roi_box" in self.parts:
+                self._run_box_head_on_student_proposals(features, student_records)
+        return self.recorder.pop(), images
+
+    def _run_box_head_on_student_proposals(self, features, student_records: Records):
+        """Chen et al. 2017 / design note: RoI logits correspond one to one with the student's."""
+        roi_heads = self.teacher.roi_heads
+        proposals = student_records.output("roi_heads.label_and_sample_proposals")
+        boxes = [p.proposal_boxes for p in proposals]
+        if self.input_scale != 1.0:
+            boxes = [Boxes(b.tensor * self.input_scale) for b in boxes]
+        box_features = roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features], boxes)
+        box_features = roi_heads.box_head(box_features)
+        roi_heads.box_predictor(box_features)
+
+
+def _needs_channel_flip(student_format: str, teacher_format: str) -> bool:
+    formats = {student_format, teacher_format}
+    if student_format == teacher_format:
+        return False
+    if formats == {"RGB", "BGR"}:
+        return True
+    raise ValueError(
+        f"Cannot feed a teacher expecting {teacher_format} images from a student loader producing "
+        f"{student_format}; d2kd converts between RGB and BGR only."
+    )

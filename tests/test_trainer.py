@@ -1,0 +1,153 @@
+"""DistillTrainer: teacher hygiene, checkpoints, resume, early errors (issue: foundation)."""
+
+import os
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import HookBase
+from detectron2.modeling import build_model
+
+from d2kd import DistillTrainer
+from d2kd.capture import CaptureTargetError
+from d2kd.heads import DistillConfigError
+from d2kd.modeling.teacher import TeacherWeightsError
+
+from conftest import distill_cfg, load_test_cfg
+
+
+def train(cfg, resume=False):
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    trainer.train()
+    return trainer
+
+
+def test_teacher_frozen_in_eval_and_outside_the_student(tmp_path, teacher_r18_weights):
+    cfg = distill_cfg("bccd/distill_fitnet_R50_R18.yaml", tmp_path, teacher_r18_weights, opts=["DISTILL.HEADS", ["fitnet", "kd"]])
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    teacher = trainer.teacher
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    modes = []
+    trainer.register_hooks([_ModeProbe(teacher, modes)])
+    trainer.train()
+
+    assert modes and not any(modes), "the teacher was in train mode during a step"
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), f"teacher parameter {k} changed"
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not optimised & {id(p) for p in teacher.parameters()}, "teacher parameters are in the optimizer"
+    adapter_params = {id(p) for p in trainer.heads.parameters()}
+    assert adapter_params and adapter_params <= optimised, "adapters are not optimised"
+    student_keys = set(trainer.student.state_dict())
+    assert not any(k.startswith("teacher") for k in student_keys)
+    # The student and adapters did learn.
+    assert len(trainer.storage.history("loss_kd_fitnet_p2").values()) == 2
+
+
+class _ModeProbe(HookBase):
+    """A hook recording the teacher's training flag after every step."""
+
+    def __init__(self, teacher, modes):
+        self.teacher, self.modes = teacher, modes
+
+    def after_step(self):
+        self.modes.append(self.teacher.training)
+
+
+def test_final_checkpoint_loads_into_plain_detectron2(tmp_path, teacher_r18_weights):
+    cfg = distill_cfg("bccd/distill_fitnet_R50_R18.yaml", tmp_path, teacher_r18_weights)
+    trainer = train(cfg)
+    final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    assert os.path.isfile(final)
+
+    student_cfg = load_test_cfg("bccd/student_R18_FPN.yaml", tmp_path / "plain")
+    model = build_model(student_cfg)
+    checkpointer = DetectionCheckpointer(model)
+    incompatible = []
+    original = checkpointer._load_model
+    checkpointer._load_model = lambda ckpt: incompatible.append(original(ckpt)) or incompatible[-1]
+    checkpointer.load(final)
+    assert not incompatible[0].missing_keys and not incompatible[0].unexpected_keys
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, trainer.student.state_dict()[k]), k
+    saved = torch.load(final, weights_only=True)
+    assert set(saved["distiller"]) == set(trainer.heads.state_dict()), "adapters are saved beside the student"
+
+
+def test_resume_equals_straight_run(tmp_path, teacher_r18_weights):
+    opts = ["INPUT.RANDOM_FLIP", "none", "SOLVER.CHECKPOINT_PERIOD", 2, "SEED", 7]
+    straight_cfg = distill_cfg("bccd/distill_fitnet_R50_R18.yaml", tmp_path / "straight", teacher_r18_weights, opts=opts, max_iter=4)
+    torch.manual_seed(0)
+    straight = train(straight_cfg)
+
+    split_cfg = distill_cfg("bccd/distill_fitnet_R50_R18.yaml", tmp_path / "split", teacher_r18_weights, opts=opts, max_iter=2)
+    torch.manual_seed(0)
+    train(split_cfg)
+    split_cfg.defrost()
+    split_cfg.SOLVER.MAX_ITER = 4
+    resumed = train(split_cfg, resume=True)
+    assert resumed.start_iter == 2
+
+    for name, module in (("student", "student"), ("adapters", "heads")):
+        a = getattr(straight, module).state_dict()
+        b = getattr(resumed, module).state_dict()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
+
+
+def test_missing_teacher_weights_fails_before_training(tmp_path):
+    cfg = distill_cfg("bccd/distill_fitnet_R50_R18.yaml", tmp_path, str(tmp_path / "nope.pth"))
+    with pytest.raises(TeacherWeightsError, match="not found"):
+        DistillTrainer(cfg)
+    cfg = distill_cfg("bccd/distill_fitnet_R50_R18.yaml", tmp_path, "")
+    with pytest.raises(TeacherWeightsError, match="random"):
+        DistillTrainer(cfg)
+
+
+def test_teacher_weights_of_another_architecture_fail(tmp_path, teacher_r18_weights):
+    cfg = distill_cfg(
+        "bccd/distill_fitnet_R50_R18.yaml", tmp_path, teacher_r18_weights, teacher_config="bccd/teacher_R50_FPN.yaml"
+    )
+    with pytest.raises(TeacherWeightsError, match="missing|unexpected|shape"):
+        DistillTrainer(cfg)
+
+
+def test_unknown_head_lists_registered_heads(tmp_path, teacher_r18_weights):
+    cfg = distill_cfg("bccd/distill_fitnet_R50_R18.yaml", tmp_path, teacher_r18_weights, opts=["DISTILL.HEADS", ["fitnett"]])
+    with pytest.raises(DistillConfigError, match="fitnett.*Registered heads.*fitnet"):
+        DistillTrainer(cfg)
+
+
+def test_missing_hook_target_names_nearby_modules(tmp_path, teacher_r18_weights):
+    from d2kd.capture import Recorder
+
+    cfg = load_test_cfg("bccd/student_R18_FPN.yaml", tmp_path)
+    model = build_model(cfg)
+    with pytest.raises(CaptureTargetError, match="backbone.bottom_up"):
+        Recorder(model, ["backbone.bottom_upp"], role="student")
+    # A head naming a feature the model lacks fails while the trainer is built.
+    cfg = distill_cfg(
+        "bccd/distill_fitnet_R50_R18.yaml", tmp_path, teacher_r18_weights, opts=["DISTILL.FITNET.IN_FEATURES", ["p9"]]
+    )
+    with pytest.raises(KeyError, match="p9.*Available features"):
+        DistillTrainer(cfg)
+
+
+def test_unknown_option_and_wrong_type_are_config_errors():
+    from d2kd import get_distill_cfg
+
+    cfg = get_distill_cfg()
+    with pytest.raises(AssertionError, match="Non-existent key: DISTILL.FITNET.WEIGTH"):
+        cfg.merge_from_list(["DISTILL.FITNET.WEIGTH", 2.0])
+    with pytest.raises(ValueError):
+        cfg.merge_from_list(["DISTILL.KD.TEMPERATURE", "hot"])
+
+
+def test_plain_config_trains_a_plain_detector(tmp_path):
+    cfg = load_test_cfg("bccd/student_R18_FPN.yaml", tmp_path)
+    trainer = train(cfg)
+    assert trainer.teacher is None and len(trainer.heads) == 0
+    assert not any(k.startswith("loss_kd") for k in trainer.storage.histories())
