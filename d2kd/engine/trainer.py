@@ -124,7 +124,12 @@ class DistillTrainer(DefaultTrainer):
         for i, hook in enumerate(ret):
             if isinstance(hook, hooks.EvalHook):
                 ret[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate_student_and_teacher)
-        return ret
+        # Heads' own hooks (e.g. prototype updates) run before checkpointing and evaluation.
+        head_hooks = [h for head in self.heads.values() for h in head.build_hooks(self)]
+        first_late = next(
+            (i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))), len(ret)
+        )
+        return ret[:first_late] + head_hooks + ret[first_late:]
 
     def _evaluate_student_and_teacher(self):
         results = self.test(self.cfg, self.student)

@@ -122,6 +122,14 @@ class DistillHead(nn.Module):
     def options(cls, cfg: CfgNode) -> CfgNode:
         return cfg.DISTILL[cls.config_key()]
 
+    def build_hooks(self, trainer) -> List:
+        """
+        Detectron2 ``HookBase`` objects this head needs (e.g. periodic prototype updates);
+        the trainer registers them after its own. State that must survive a resume belongs
+        in buffers or parameters of the head, which are checkpointed under ``"distiller"``.
+        """
+        return []
+
     def forward(self, student, teacher, step: StepInputs) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
