@@ -1,0 +1,68 @@
+"""Hook plumbing on toy models (design lessons 4 and 12)."""
+
+import pytest
+import torch
+from torch import nn
+
+from d2kd.capture import CaptureTargetError, Recorder
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+        self.shared = nn.Linear(3, 1)
+
+    def pick(self, x):
+        return x * 2
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.shared(h) + self.shared(h * 0) + self.pick(h).sum()
+
+
+def test_records_only_inside_recording_and_clears_each_step():
+    model = Toy()
+    rec = Recorder(model, ["body", "shared"], ["pick"], role="student")
+    x = torch.randn(4, 2)
+    model(x)  # outside recording: nothing kept
+    assert "body" not in rec.pop()
+    with rec.recording():
+        model(x)
+    records = rec.pop()
+    torch.testing.assert_close(records.output("body"), model.body(x))
+    assert len(records.outputs("shared")) == 2, "a module called twice yields two records"
+    with pytest.raises(RuntimeError, match="ran 2 times"):
+        records.output("shared")
+    torch.testing.assert_close(records.output("pick"), model.body(x) * 2)
+    with rec.recording():
+        model(x[:1])
+    assert records is not rec.pop()
+    with rec.recording():
+        pass
+    assert "body" not in rec.pop(), "buffers are cleared at each step"
+
+
+def test_missing_targets_name_nearby_modules():
+    model = Toy()
+    with pytest.raises(CaptureTargetError) as err:
+        Recorder(model, ["bodyy"], role="teacher")
+    assert "teacher" in str(err.value) and "body" in str(err.value)
+    with pytest.raises(CaptureTargetError, match="has no method 'nope'"):
+        Recorder(model, [], ["body.nope"])
+    with pytest.raises(KeyError, match="Nothing was recorded for 'shared'"):
+        Recorder(model, ["body"]).pop().output("shared")
+
+
+def test_hooks_do_not_change_outputs_or_gradients():
+    torch.manual_seed(0)
+    model = Toy()
+    x = torch.randn(3, 2)
+    expected = model(x)
+    rec = Recorder(model, ["body", "shared"], ["pick"])
+    with rec.recording():
+        out = model(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert model.body[0].weight.grad is not None
+    assert rec.pop().output("body").requires_grad, "student records keep their graph"

@@ -1,0 +1,139 @@
+"""Golden values of the first two heads: FitNets hints and Hinton KD (methods.md 5.1-5.2)."""
+
+import numpy as np
+import pytest
+import torch
+from detectron2.layers import ShapeSpec
+from torch import nn
+
+from d2kd.capture import Records
+from d2kd.heads.fitnet import FitNet
+from d2kd.heads.kd import KD
+from d2kd.losses import feature_mse, kd_kl_div
+from d2kd import get_distill_cfg
+
+
+def test_kd_kl_div_matches_hand_formula():
+    zs = np.array([[1.0, 2.0, 0.5, -1.0], [0.0, 0.0, 3.0, 1.0]])
+    zt = np.array([[2.0, 0.0, 1.0, -2.0], [1.0, -1.0, 2.0, 0.5]])
+    T = 2.0
+
+    def softmax(z):
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    p, q = softmax(zs / T), softmax(zt / T)
+    expected = T * T * np.mean(np.sum(q * (np.log(q) - np.log(p)), axis=1))
+    got = kd_kl_div(torch.tensor(zs), torch.tensor(zt), T)
+    assert got.item() == pytest.approx(expected, rel=1e-9)
+    # Hand value for one row, T=1, uniform student: KL(q||u) = sum q log q + log K.
+    q1 = softmax(np.array([[2.0, 0.0]]))[0]
+    expected_row = float(np.sum(q1 * np.log(q1)) + np.log(2))
+    assert kd_kl_div(torch.zeros(1, 2), torch.tensor([[2.0, 0.0]]), 1.0).item() == pytest.approx(expected_row)
+
+
+def test_kd_kl_div_zero_when_equal_and_grad_only_to_student():
+    zs = torch.randn(5, 4, requires_grad=True)
+    zt = zs.detach().clone().requires_grad_(True)
+    loss = kd_kl_div(zs, zt, 3.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-7)
+    kd_kl_div(zs, zt + torch.randn(5, 4), 3.0).backward()
+    assert zs.grad is not None and zt.grad is None
+
+
+def test_kd_kl_div_empty_rois_is_zero_with_graph():
+    zs = torch.zeros(0, 4, requires_grad=True)
+    loss = kd_kl_div(zs, torch.zeros(0, 4))
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_feature_mse_hand_value():
+    s = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    t = torch.tensor([[[[0.0, 2.0], [5.0, 4.0]]]])
+    assert feature_mse(s, t).item() == pytest.approx((1 + 0 + 4 + 0) / 4)
+    with pytest.raises(ValueError, match="shapes differ"):
+        feature_mse(s, t[..., :1])
+
+
+class _FakeBackbone(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = channels
+
+    def output_shape(self):
+        return {"p2": ShapeSpec(channels=self.channels, stride=4), "p3": ShapeSpec(channels=self.channels, stride=8)}
+
+
+class _FakeModel(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.backbone = _FakeBackbone(channels)
+
+
+def _context(s_ch, t_ch):
+    from d2kd.heads import BuildContext
+
+    return BuildContext(_FakeModel(s_ch), _FakeModel(t_ch), None, None)
+
+
+def test_fitnet_head_per_level_terms_golden():
+    cfg = get_distill_cfg()
+    cfg.DISTILL.FITNET.IN_FEATURES = ["p2", "p3"]
+    cfg.DISTILL.FITNET.WEIGHT = 0.5
+    head = FitNet(cfg, _context(2, 3))
+    # Make the 1x1 adapter a known linear map: out = W x + b.
+    W = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    b = torch.tensor([0.0, 1.0, -1.0])
+    for adapter in head.pairing.adapters.values():
+        adapter.conv.weight.data = W[:, :, None, None].clone()
+        adapter.conv.bias.data = b.clone()
+    gen = torch.Generator().manual_seed(0)
+    s = {k: torch.randn(1, 2, n, n, generator=gen) for k, n in (("p2", 4), ("p3", 2))}
+    t = {k: torch.randn(1, 3, n, n, generator=gen) for k, n in (("p2", 4), ("p3", 2))}
+    out = head(Records({"backbone": [((), s)]}), Records({"backbone": [((), t)]}), None)
+    assert set(out) == {"p2", "p3"}
+    for k in ("p2", "p3"):
+        sn, tn = s[k][0].numpy(), t[k][0].numpy()
+        adapted = np.einsum("oc,chw->ohw", W.numpy(), sn) + b.numpy()[:, None, None]
+        expected = 0.5 * np.mean((adapted - tn) ** 2)
+        assert out[k].item() == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_fitnet_without_adapter_needs_equal_channels():
+    cfg = get_distill_cfg()
+    cfg.DISTILL.FITNET.IN_FEATURES = ["p2"]
+    cfg.DISTILL.FITNET.ADAPTER.ENABLED = False
+    with pytest.raises(ValueError, match="adapter is disabled.*2 channels.*3"):
+        FitNet(cfg, _context(2, 3))
+    head = FitNet(cfg, _context(3, 3))
+    s = torch.ones(1, 3, 2, 2)
+    t = torch.zeros(1, 3, 2, 2)
+    out = head(Records({"backbone": [((), {"p2": s})]}), Records({"backbone": [((), {"p2": t})]}), None)
+    assert out["p2"].item() == pytest.approx(1.0)
+
+
+def test_kd_head_uses_roi_scores_of_both_models():
+    class _RoIModel(nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.roi_heads = nn.Module()
+            self.roi_heads.box_predictor = nn.Module()
+            self.roi_heads.num_classes = k
+
+    from d2kd.heads import BuildContext, DistillConfigError
+
+    cfg = get_distill_cfg()
+    cfg.DISTILL.KD.TEMPERATURE = 2.0
+    cfg.DISTILL.KD.WEIGHT = 3.0
+    head = KD(cfg, BuildContext(_RoIModel(3), _RoIModel(3), None, None))
+    assert head.teacher_parts == {"roi_box"}
+    zs = torch.tensor([[1.0, 0.0, 0.0, 2.0]])
+    zt = torch.tensor([[0.0, 1.0, 0.0, 2.0]])
+    out = head(
+        Records({"roi_heads.box_predictor": [((), (zs, None))]}), Records({"roi_heads.box_predictor": [((), (zt, None))]}), None
+    )
+    p = np.exp(zs.numpy()[0] / 2) / np.exp(zs.numpy()[0] / 2).sum()
+    q = np.exp(zt.numpy()[0] / 2) / np.exp(zt.numpy()[0] / 2).sum()
+    assert out[""].item() == pytest.approx(3.0 * 4.0 * float(np.sum(q * np.log(q / p))), rel=1e-5)
+    with pytest.raises(DistillConfigError, match="3 classes.*teacher 5"):
+        KD(cfg, BuildContext(_RoIModel(3), _RoIModel(5), None, None))
