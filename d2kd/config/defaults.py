@@ -50,7 +50,9 @@ def add_distill_config(cfg: CN) -> CN:
     ``HeadClass.add_config(cfg)`` themselves.
     """
     from d2kd.heads import DISTILL_HEAD_REGISTRY  # imports the built-in heads
+    from d2kd.modeling.backbone import add_mobilenet_config
 
+    add_mobilenet_config(cfg)
     if "DISTILL" not in cfg:
         _add_base_distill_config(cfg)
     for _, head_class in sorted(DISTILL_HEAD_REGISTRY):
