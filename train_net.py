@@ -7,15 +7,23 @@ d2kd training script, used like Detectron2's tools/train_net.py.
     python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/.../model_final.pth
     python train_net.py --config-file CFG --resume
     python train_net.py --config-file CFG --check      # pre-flight check, one batch
+    python train_net.py --config-file CFG --check --check-images 16
 
 A config without DISTILL.HEADS trains a plain detector (teachers and baselines). Without
 GPUs, --num-gpus N runs N CPU processes with the gloo backend.
+
+--check builds both models, runs one batch without updating anything and prints the capture
+points and shapes, the adapters, every loss term next to the detector losses and the
+teacher's AP on a few test images (d2kd.engine.check); it exits with status 1 on an error.
+It writes into a temporary folder, never into OUTPUT_DIR.
 """
 
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
@@ -23,15 +31,23 @@ from detectron2.utils import comm
 
 from d2kd import DistillTrainer, get_distill_cfg, register_bccd
 from d2kd.engine.checkpoint import atomic_write_bytes
-from d2kd.engine.preflight import check_output_dir, validate_datasets
+from d2kd.engine.preflight import check_output_dir, merge_config, validate_datasets
 
 logger = logging.getLogger("d2kd")
 
 
 def setup(args):
+    """
+    The config of ``args`` (unknown keys and wrong types fail naming the closest key). A new
+    training run refuses an OUTPUT_DIR holding another run before anything is written there;
+    ``--check`` runs in a temporary folder.
+    """
     cfg = get_distill_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)
+    if getattr(args, "check", False):
+        cfg.OUTPUT_DIR = tempfile.mkdtemp(prefix="d2kd_check_")
+    elif not args.resume and not args.eval_only:
+        check_output_dir(cfg, overwrite=getattr(args, "overwrite", False))
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -55,9 +71,26 @@ def _to_builtin(obj):
     return float(obj) if hasattr(obj, "__float__") and not isinstance(obj, (int, bool)) else obj
 
 
+def run_pre_flight_check(cfg, args):
+    """``--check``: exit status 1 if the check finds an error."""
+    from d2kd.engine.check import run_check
+
+    report = run_check(cfg, num_images=args.check_images)
+    if report.ok:
+        shutil.rmtree(cfg.OUTPUT_DIR, ignore_errors=True)
+    else:
+        print(f"The check's log and files are kept in {cfg.OUTPUT_DIR}.", file=sys.stderr)
+        raise SystemExit(1)
+    return report
+
+
 def main(args):
     register_bccd()
+    if getattr(args, "check", False) and args.eval_only:
+        raise ValueError("--check and --eval-only cannot be combined.")
     cfg = setup(args)
+    if getattr(args, "check", False):
+        return run_pre_flight_check(cfg, args)  # validates the datasets itself
     validate_datasets(cfg)
 
     if args.eval_only:
@@ -69,8 +102,6 @@ def main(args):
         write_results(cfg, results)
         return results
 
-    if not args.resume:
-        check_output_dir(cfg, overwrite=args.overwrite)
     trainer = DistillTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     results = trainer.train()
@@ -85,12 +116,27 @@ def build_parser():
         action="store_true",
         help="allow training into an OUTPUT_DIR that already holds checkpoints of another run",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="pre-flight check: build both models, run one batch, print captures, adapters, "
+        "loss magnitudes and the teacher's AP on a few test images; exit 1 on an error",
+    )
+    parser.add_argument(
+        "--check-images",
+        type=int,
+        default=8,
+        help="number of DATASETS.TEST[0] images on which --check measures the teacher's AP (0: skip)",
+    )
     return parser
 
 
 if __name__ == "__main__":
     args = build_parser().parse_args()
     print("Command Line Args:", args, file=sys.stderr)
+    if args.check and args.num_gpus > 1:
+        print("--check runs in one process; ignoring --num-gpus.", file=sys.stderr)
+        args.num_gpus = 1
     launch(
         main,
         args.num_gpus,

@@ -12,7 +12,7 @@ from typing import Dict, Sequence
 from detectron2.layers import ShapeSpec
 from torch import nn
 
-__all__ = ["feature_source", "feature_shapes", "FeatureNotFoundError"]
+__all__ = ["feature_source", "feature_shapes", "available_features", "FeatureNotFoundError"]
 
 
 class FeatureNotFoundError(KeyError):
@@ -46,3 +46,12 @@ def feature_shapes(model: nn.Module, names: Sequence[str], role: str = "model") 
     """Channels and stride of each named feature, as the model reports them."""
     sources = _available(model)
     return {name: sources[feature_source(model, name, role)][name] for name in names}
+
+
+def available_features(model: nn.Module) -> Dict[str, ShapeSpec]:
+    """Every feature the model reports (backbone stages and FPN levels), name -> shape."""
+    out: Dict[str, ShapeSpec] = {}
+    for shapes in _available(model).values():
+        for name, shape in shapes.items():
+            out.setdefault(name, shape)
+    return out

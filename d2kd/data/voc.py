@@ -14,13 +14,11 @@ from typing import Dict, List, Sequence
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from .mapper import DatasetFormatError, check_image_file
+
 __all__ = ["load_voc_detection", "register_voc_dataset"]
 
 logger = logging.getLogger(__name__)
-
-
-class DatasetFormatError(ValueError):
-    """A user's dataset file is missing or malformed; the message names the file."""
 
 
 def _read_split(dirname: str, split: str) -> List[str]:
@@ -62,6 +60,7 @@ def _parse_annotation(
         raise DatasetFormatError(f"Annotation file not found: {anno_file} (listed in the split).")
     if not os.path.isfile(image_file):
         raise DatasetFormatError(f"Image file not found: {image_file} (listed in the split).")
+    check_image_file(image_file)  # 0-byte or non-image files fail here, named
     try:
         tree = ET.parse(anno_file)
     except ET.ParseError as e:

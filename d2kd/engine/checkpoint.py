@@ -9,13 +9,21 @@ __all__ = ["SafeCheckpointer", "atomic_write_bytes"]
 
 
 def atomic_write_bytes(path: str, write_fn, mode: str = "wb"):
-    """Write through ``write_fn(file)`` into ``path + '.tmp'``, fsync, then rename over ``path``."""
+    """
+    Write through ``write_fn(file)`` into ``path + '.tmp'``, fsync, then rename over ``path``.
+    If writing fails, the partial temporary file is removed and ``path`` is untouched.
+    """
     tmp = f"{path}.tmp"
-    with open(tmp, mode) as f:
-        write_fn(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class SafeCheckpointer(DetectionCheckpointer):

@@ -1,15 +1,33 @@
 """Checks run before anything is built, so a bad setup fails in seconds with a clear message."""
 
+import difflib
 import glob
+import logging
 import os
+from typing import List, Mapping, Optional, Sequence
 
-from detectron2.data import DatasetCatalog
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
-__all__ = ["check_output_dir", "validate_datasets", "OutputDirError"]
+__all__ = [
+    "check_output_dir",
+    "validate_datasets",
+    "OutputDirError",
+    "ConfigOptionError",
+    "merge_config",
+    "dataset_classes",
+    "check_class_alignment",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class OutputDirError(RuntimeError):
     pass
+
+
+class ConfigOptionError(ValueError):
+    """An unknown config key or a value of the wrong type, with the likely intended key."""
 
 
 def check_output_dir(cfg, overwrite: bool = False):
@@ -35,3 +53,181 @@ def validate_datasets(cfg):
                     "(plus Detectron2's built-in COCO/LVIS/VOC names). Register your data with "
                     "d2kd.register_voc_dataset(...) or d2kd.register_coco_dataset(...) before training."
                 )
+
+
+# ---------------------------------------------------------------------------------------
+# Config keys: unknown keys and wrong types, with the key the user probably meant.
+# ---------------------------------------------------------------------------------------
+
+
+def _flat_keys(cfg: CfgNode, prefix: str = "") -> List[str]:
+    keys = []
+    for k, v in cfg.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, CfgNode):
+            keys += _flat_keys(v, full + ".")
+    return keys
+
+
+def _unknown_key_message(cfg: CfgNode, key: str, source: str) -> str:
+    keys = _flat_keys(cfg)
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    parts = key.split(".")
+    siblings = []
+    for depth in range(len(parts) - 1, 0, -1):
+        node = cfg
+        try:
+            for p in parts[:depth]:
+                node = node[p]
+        except KeyError:
+            continue
+        if isinstance(node, CfgNode):
+            siblings = sorted(f"{'.'.join(parts[:depth])}.{k}" for k in node.keys())
+            break
+    message = f"Unknown config key {key} in {source}."
+    if close:
+        message += f" Did you mean {' or '.join(close)}?"
+    if siblings:
+        shown = siblings[:20] + (["..."] if len(siblings) > 20 else [])
+        message += f" Keys at that level: {shown}."
+    if parts[0] == "DISTILL" and len(parts) > 2:
+        message += (
+            " Head options live in DISTILL.<HEAD> and exist only for registered heads: a head of "
+            "your own must be imported (registered) before the config is built."
+        )
+    return message
+
+
+def _translate(cfg: CfgNode, error: Exception, source: str) -> Exception:
+    text = str(error.args[0]) if error.args else str(error)
+    for marker in ("Non-existent config key: ", "Non-existent key: "):
+        if marker in text:
+            key = text.split(marker, 1)[1].strip().strip("'\"")
+            return ConfigOptionError(_unknown_key_message(cfg, key, source))
+    if text.startswith("Type mismatch"):
+        return ConfigOptionError(f"{text} (in {source}). Give the value in the type of the default.")
+    return error
+
+
+def merge_config(cfg: CfgNode, config_file: Optional[str] = None, opts: Sequence = ()) -> CfgNode:
+    """
+    ``cfg.merge_from_file(config_file)`` then ``cfg.merge_from_list(opts)``; an unknown key
+    or a wrong type raises :class:`ConfigOptionError` naming the source and the closest keys.
+    """
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"Config file not found: {config_file} (working directory {os.getcwd()}).")
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, AssertionError, ValueError) as e:
+            translated = _translate(cfg, e, f"config file {config_file}")
+            if translated is e:
+                raise
+            raise translated from e
+    if opts:
+        try:
+            cfg.merge_from_list(list(opts))
+        except (KeyError, AssertionError, ValueError) as e:
+            translated = _translate(cfg, e, "the command-line options")
+            if translated is e:
+                raise
+            raise translated from e
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Teacher and student classes.
+# ---------------------------------------------------------------------------------------
+
+
+def dataset_classes(names: Sequence[str]) -> Optional[List[str]]:
+    """``thing_classes`` of the first registered dataset of ``names`` that has them, else None."""
+    registered = set(DatasetCatalog.list())
+    for name in names:
+        if name not in registered:
+            continue
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        if classes:
+            return list(classes)
+    return None
+
+
+def _needs_aligned_classes(head) -> bool:
+    """
+    A head compares per-class outputs if it says so (``needs_aligned_classes``), or if it runs
+    the teacher's class predictors (its box head, or a one-stage teacher's dense head).
+    """
+    flag = getattr(head, "needs_aligned_classes", None)
+    if flag is not None:
+        return bool(flag)
+    return bool({"roi_box", "dense"} & set(getattr(head, "teacher_parts", ())))
+
+
+def check_class_alignment(cfg: CfgNode, teacher_cfg: Optional[CfgNode], heads: Mapping[str, object]):
+    """
+    Best effort: when both the student's and the teacher's DATASETS.TRAIN name registered
+    datasets with ``thing_classes``, a head comparing class outputs (a head with
+    ``needs_aligned_classes = True``, or one running the teacher's box or dense head) requires the same
+    classes in the same order. Raises :class:`DistillConfigError`; only logs for feature heads.
+    """
+    from ..heads.base import DistillConfigError
+
+    if teacher_cfg is None or not heads:
+        return
+    student_classes = dataset_classes(cfg.DATASETS.TRAIN)
+    teacher_classes = dataset_classes(teacher_cfg.DATASETS.TRAIN)
+    if student_classes is None or teacher_classes is None or student_classes == teacher_classes:
+        return
+    if len(student_classes) == len(teacher_classes):
+        i = next(i for i, (s, t) in enumerate(zip(student_classes, teacher_classes)) if s != t)
+        difference = f"class {i} is '{teacher_classes[i]}' for the teacher and '{student_classes[i]}' for the student"
+    else:
+        difference = f"{len(teacher_classes)} teacher classes vs {len(student_classes)} student classes"
+    description = (
+        f"The teacher was trained on {tuple(teacher_cfg.DATASETS.TRAIN)} with classes {teacher_classes}, "
+        f"the student trains on {tuple(cfg.DATASETS.TRAIN)} with classes {student_classes} ({difference})"
+    )
+    needing = [name for name, head in heads.items() if _needs_aligned_classes(head)]
+    if needing:
+        raise DistillConfigError(
+            f"{description}. Heads {needing} compare class outputs, which needs the same classes in "
+            "the same order: use a teacher trained on the student's classes (or register the student's "
+            "dataset with the teacher's class order), or use feature heads only."
+        )
+    logger.warning(f"{description}. Only feature heads are used, so distillation proceeds.")
+
+
+# ---------------------------------------------------------------------------------------
+# Training data.
+# ---------------------------------------------------------------------------------------
+
+
+def get_train_dataset_dicts(cfg: CfgNode) -> List[dict]:
+    """
+    Detectron2's ``get_detection_dataset_dicts`` for DATASETS.TRAIN; an empty dataset, or one
+    left empty by DATALOADER.FILTER_EMPTY_ANNOTATIONS, raises ``DatasetFormatError`` with the fix.
+    """
+    from detectron2.data import get_detection_dataset_dicts
+
+    from ..data.mapper import DatasetFormatError
+
+    names = tuple(cfg.DATASETS.TRAIN)
+    if not names:
+        raise DatasetFormatError("DATASETS.TRAIN is empty: name at least one registered dataset to train on.")
+    try:
+        return get_detection_dataset_dicts(names, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+    except AssertionError as e:
+        text = str(e)
+        if "is empty" in text:
+            raise DatasetFormatError(
+                f"{text} Its loader returned no images: check the dataset's path, split file or "
+                "annotation json, and that it lists images."
+            ) from e
+        if "No valid data" in text:
+            raise DatasetFormatError(
+                f"No image of DATASETS.TRAIN {names} has a usable (non-crowd) box, and "
+                "DATALOADER.FILTER_EMPTY_ANNOTATIONS True drops images without one. Check the annotations "
+                "(class names, boxes), or set DATALOADER.FILTER_EMPTY_ANNOTATIONS False to train on them anyway."
+            ) from e
+        raise

@@ -12,7 +12,7 @@ from collections import OrderedDict
 import torch
 from detectron2.engine import DefaultTrainer, SimpleTrainer, AMPTrainer, create_ddp_model, hooks
 from detectron2.engine.train_loop import TrainerBase
-from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -21,8 +21,11 @@ from ..heads import BuildContext, build_distill_heads
 from ..modeling.distiller import DistillationModel
 from ..modeling.schedule import DistillSchedule
 from ..modeling.teacher import build_teacher, build_teacher_cfg
+from ..data.mapper import SafeDatasetMapper
 from ..data.sampler import ResumedTrainingSampler
 from .checkpoint import SafeCheckpointer
+from .hooks import NonFiniteLossGuard, head_option_nodes
+from .preflight import check_class_alignment, get_train_dataset_dicts
 from .rng import RNGState
 
 __all__ = ["DistillTrainer"]
@@ -59,6 +62,7 @@ class DistillTrainer(DefaultTrainer):
             self.teacher = self.build_teacher(cfg)
             context = BuildContext(student, self.teacher, cfg, self.teacher.d2kd_cfg)
             self.heads = build_distill_heads(cfg, context).to(student.device)
+            check_class_alignment(cfg, getattr(self.teacher, "d2kd_cfg", None), self.heads)
             model = DistillationModel(
                 student, self.teacher, self.heads, DistillSchedule.from_config(cfg), cfg.DISTILL.TEACHER.INPUT_SCALE
             )
@@ -100,12 +104,19 @@ class DistillTrainer(DefaultTrainer):
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
             if start_iter:
                 logger.warning(f"{cfg.DATALOADER.SAMPLER_TRAIN} cannot skip consumed data: the data order restarts.")
-            return super().build_train_loader(cfg)
+            return build_detection_train_loader(cfg, mapper=SafeDatasetMapper(cfg, True))
         seed = cfg.SEED if cfg.SEED >= 0 else None
-        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        dataset = get_train_dataset_dicts(cfg)  # empty datasets fail with the fix
         per_rank_batch = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
         sampler = ResumedTrainingSampler(len(dataset), seed=seed, skip_per_rank=start_iter * per_rank_batch)
-        return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler, seed=seed)
+        return build_detection_train_loader(
+            cfg, dataset=dataset, sampler=sampler, seed=seed, mapper=SafeDatasetMapper(cfg, True)
+        )
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """Detectron2's test loader; an unreadable image fails naming the file."""
+        return build_detection_test_loader(cfg, dataset_name, mapper=SafeDatasetMapper(cfg, False))
 
     @classmethod
     def build_teacher(cls, cfg):
@@ -121,6 +132,8 @@ class DistillTrainer(DefaultTrainer):
     def build_hooks(self):
         """Detectron2's hooks, with the evaluation reporting the teacher beside the student."""
         ret = super().build_hooks()
+        # Stops at the first NaN/inf loss term, naming it, before the bad update (d2kd.engine.hooks).
+        ret.insert(0, NonFiniteLossGuard(head_option_nodes(self.heads)))
         for i, hook in enumerate(ret):
             if isinstance(hook, hooks.EvalHook):
                 ret[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate_student_and_teacher)

@@ -50,8 +50,10 @@ Registry of distillation heads. A registered class is a :class:`DistillHead`; th
 # What a head may ask the teacher to run (design lesson 3):
 #   "backbone": backbone (+FPN) features only;
 #   "rpn":      the RPN head on the teacher's features (logits and deltas at every anchor);
-#   "roi_box":  the teacher's box pooler/head/predictor on the STUDENT's sampled proposals.
-TEACHER_PARTS = ("backbone", "rpn", "roi_box")
+#   "roi_box":  the teacher's box pooler/head/predictor on the STUDENT's sampled proposals;
+#   "dense":    a one-stage teacher's dense head (RetinaNet ``head``) on its ``head_in_features``,
+#               and its ``anchor_generator``.
+TEACHER_PARTS = ("backbone", "rpn", "roi_box", "dense")
 
 
 class DistillConfigError(ValueError):

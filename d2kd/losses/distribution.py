@@ -1,18 +1,30 @@
 """Distances between predicted class distributions."""
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 __all__ = ["kd_kl_div"]
 
 
-def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def kd_kl_div(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    weights: Optional[torch.Tensor] = None,
+    class_mean: bool = False,
+) -> torch.Tensor:
     """
     Hinton et al. 2015 soft-label loss on softmax logits (methods.md 5.1)::
 
         T^2 * KL( softmax(z_t / T) || softmax(z_s / T) ),   summed over classes, mean over rows
 
     Rows are RoIs (or anchors); an empty set gives a zero that keeps the graph.
+
+    Optional: ``weights`` ``(R,)`` multiply each row's term before the mean over rows (the
+    Global Knowledge robust weights, detached); ``class_mean`` divides each row's KL by the
+    number of classes (the GK code's ``kl_div(reduction='none').mean(1)``, methods.md 3(iii)).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -25,4 +37,10 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     log_p_student = F.log_softmax(student_logits / t, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
+    if class_mean:
+        kl = kl / student_logits.shape[1]
+    if weights is not None:
+        if weights.shape != kl.shape:
+            raise ValueError(f"weights must be one per row, shape {tuple(kl.shape)}; got {tuple(weights.shape)}.")
+        kl = kl * weights.detach().to(kl.dtype)
     return kl.mean() * (t * t)

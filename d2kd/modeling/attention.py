@@ -10,7 +10,14 @@ For ``A`` of shape ``(B, C, H, W)``:
 import torch
 import torch.nn.functional as F
 
-__all__ = ["spatial_attention", "channel_attention", "spatial_attention_mask", "channel_attention_mask"]
+__all__ = [
+    "spatial_attention",
+    "channel_attention",
+    "spatial_attention_mask",
+    "channel_attention_mask",
+    "spatial_softmax_mask",
+    "channel_softmax_mask",
+]
 
 
 def spatial_attention(features: torch.Tensor) -> torch.Tensor:
@@ -34,3 +41,17 @@ def channel_attention_mask(features: torch.Tensor, temperature: float) -> torch.
     """``C * softmax_c(G^c(A) / T)``, shape ``(B, C)``."""
     c = features.shape[1]
     return c * F.softmax(channel_attention(features) / temperature, dim=1)
+
+
+def spatial_softmax_mask(attention: torch.Tensor, temperature: float) -> torch.Tensor:
+    """
+    ``H*W * softmax_hw(G / T)`` of a given spatial attention map ``G`` (B, H, W), e.g. the
+    sum ``G^s(S) + G^s(T)`` of FBKD's paper-form mask (Zhang & Ma 2021, Sec. 3.1).
+    """
+    b, h, w = attention.shape
+    return (h * w * F.softmax(attention.reshape(b, -1) / temperature, dim=1)).reshape(b, h, w)
+
+
+def channel_softmax_mask(attention: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``C * softmax_c(G / T)`` of a given channel attention vector ``G`` (B, C)."""
+    return attention.shape[1] * F.softmax(attention / temperature, dim=1)

@@ -5,16 +5,37 @@ Box-level geometry on feature maps, shared by the heads that weight features by 
 - Box-to-level rule (methods.md 0.2): ``lvl = floor(4 + log2(sqrt(area) / 224))`` clamped to
   the available levels, Detectron2's ``assign_boxes_to_levels``; equivalent to mmdet's
   ``map_roi_levels`` (finest_scale 56).
-- Box windows on a stride-``s`` map: cells ``[floor(x1/s), floor(x2/s)+1) x [floor(y1/s),
-  floor(y2/s)+1)``, so a box always covers at least one cell (the DeFeat/GK convention).
+- Box windows on a stride-``s`` map (``convention``), end-exclusive, clipped to the map, and
+  never empty:
+
+  - ``"inclusive"`` (default): cells ``[floor(x1/s), floor(x2/s)+1) x [floor(y1/s),
+    floor(y2/s)+1)`` (the Global Knowledge code's box pooling windows);
+  - ``"exclusive"``: ``[floor(x1/s), floor(x2/s))``, and a box whose window is empty in
+    either direction marks only its top-left cell ``(floor(y1/s), floor(x1/s))`` (the
+    ``get_gt_mask`` of the official DeFeat and Global Knowledge codes);
+  - ``"outward"``: ``[floor(x1/s), ceil(x2/s)+1)`` (the official FGD code's foreground
+    mask, which also covers the cell after a box's end).
 """
 
 import math
-from typing import Sequence, Tuple
+from typing import Dict, Mapping, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["assign_boxes_to_levels", "box_windows", "box_mask", "box_value_mask"]
+__all__ = [
+    "assign_boxes_to_levels",
+    "box_windows",
+    "box_mask",
+    "box_value_mask",
+    "WINDOW_CONVENTIONS",
+    "feature_level",
+    "level_box_masks",
+    "resize_mask",
+    "gt_boxes_of",
+]
+
+WINDOW_CONVENTIONS = ("inclusive", "exclusive", "outward")
 
 
 def assign_boxes_to_levels(
@@ -30,20 +51,46 @@ def assign_boxes_to_levels(
     return levels.clamp(min=min_level, max=max_level).to(torch.int64)
 
 
-def box_windows(boxes: torch.Tensor, stride: float, feature_hw: Tuple[int, int]) -> torch.Tensor:
-    """Integer cell windows ``(N, 4)`` = ``(x0, y0, x1, y1)``, end-exclusive, clipped to the map."""
+def box_windows(
+    boxes: torch.Tensor, stride: float, feature_hw: Tuple[int, int], convention: str = "inclusive"
+) -> torch.Tensor:
+    """
+    Integer cell windows ``(N, 4)`` = ``(x0, y0, x1, y1)``, end-exclusive, clipped to the map;
+    ``convention`` is one of :data:`WINDOW_CONVENTIONS` (module docstring).
+    """
+    if convention not in WINDOW_CONVENTIONS:
+        raise ValueError(f"Unknown box window convention {convention!r}; choose one of {WINDOW_CONVENTIONS}.")
     h, w = feature_hw
     x0 = torch.floor(boxes[:, 0] / stride).clamp(0, w - 1)
     y0 = torch.floor(boxes[:, 1] / stride).clamp(0, h - 1)
-    x1 = (torch.floor(boxes[:, 2] / stride) + 1).clamp(1, w)
-    y1 = (torch.floor(boxes[:, 3] / stride) + 1).clamp(1, h)
-    x1 = torch.maximum(x1, x0 + 1)
-    y1 = torch.maximum(y1, y0 + 1)
+    if convention == "inclusive":
+        x1 = torch.floor(boxes[:, 2] / stride) + 1
+        y1 = torch.floor(boxes[:, 3] / stride) + 1
+    elif convention == "exclusive":
+        x1 = torch.floor(boxes[:, 2] / stride)
+        y1 = torch.floor(boxes[:, 3] / stride)
+    else:  # outward
+        x1 = torch.ceil(boxes[:, 2] / stride) + 1
+        y1 = torch.ceil(boxes[:, 3] / stride) + 1
+    x1 = x1.clamp(max=w)
+    y1 = y1.clamp(max=h)
+    if convention == "exclusive":
+        degenerate = (x1 <= x0) | (y1 <= y0)
+        x1 = torch.where(degenerate, x0 + 1, x1)
+        y1 = torch.where(degenerate, y0 + 1, y1)
+    else:
+        x1 = torch.maximum(x1, x0 + 1)
+        y1 = torch.maximum(y1, y0 + 1)
     return torch.stack([x0, y0, x1, y1], dim=1).to(torch.int64)
 
 
 def box_value_mask(
-    boxes: torch.Tensor, values: torch.Tensor, stride: float, feature_hw: Tuple[int, int], reduce: str = "max"
+    boxes: torch.Tensor,
+    values: torch.Tensor,
+    stride: float,
+    feature_hw: Tuple[int, int],
+    reduce: str = "max",
+    convention: str = "inclusive",
 ) -> torch.Tensor:
     """
     An ``(H, W)`` map holding ``values[i]`` inside box ``i``'s window, 0 elsewhere.
@@ -54,12 +101,82 @@ def box_value_mask(
     if reduce not in ("max", "overwrite"):
         raise ValueError(f"reduce must be 'max' or 'overwrite', got {reduce!r}")
     mask = torch.zeros(feature_hw, dtype=torch.float32, device=boxes.device)
-    for (x0, y0, x1, y1), value in zip(box_windows(boxes, stride, feature_hw).tolist(), values.tolist()):
+    windows = box_windows(boxes, stride, feature_hw, convention)
+    for (x0, y0, x1, y1), value in zip(windows.tolist(), values.tolist()):
         region = mask[y0:y1, x0:x1]
         mask[y0:y1, x0:x1] = torch.clamp(region, min=value) if reduce == "max" else value
     return mask
 
 
-def box_mask(boxes: torch.Tensor, stride: float, feature_hw: Tuple[int, int]) -> torch.Tensor:
+def box_mask(
+    boxes: torch.Tensor, stride: float, feature_hw: Tuple[int, int], convention: str = "inclusive"
+) -> torch.Tensor:
     """Binary ``(H, W)`` union of the boxes' windows."""
-    return box_value_mask(boxes, torch.ones(len(boxes)), stride, feature_hw)
+    return box_value_mask(boxes, torch.ones(len(boxes)), stride, feature_hw, convention=convention)
+
+
+def feature_level(stride: float) -> int:
+    """The pyramid level ``log2(stride)`` of a feature map (p2: stride 4 -> 2)."""
+    level = math.log2(stride)
+    if abs(level - round(level)) > 1e-6:
+        raise ValueError(f"Stride {stride} is not a power of two; it has no FPN level.")
+    return int(round(level))
+
+
+def level_box_masks(
+    gt_boxes: Sequence[torch.Tensor],
+    levels: Mapping[str, int],
+    strides: Mapping[str, float],
+    sizes: Mapping[str, Tuple[int, int]],
+    assign_by_scale: bool = True,
+    canonical_box_size: int = 224,
+    canonical_level: int = 4,
+    convention: str = "exclusive",
+) -> Dict[str, torch.Tensor]:
+    """
+    Per pyramid level, the binary ``(B, H, W)`` union of each image's GT boxes **assigned to
+    that level** (methods.md 0.2), as DeFeat's and the Global Knowledge code's masks.
+
+    Args:
+        gt_boxes: per image, ``(N_i, 4)`` XYXY boxes in input pixels.
+        levels: feature name -> pyramid level (p2 -> 2; :func:`feature_level` of the stride).
+        strides: feature name -> input pixels per cell of the map the mask is drawn on.
+        sizes: feature name -> ``(H, W)`` of that map.
+        assign_by_scale: assign each box to one level by the box-to-level rule, clamped to
+            the levels present in ``levels`` (the official codes use P2..P6, five levels);
+            False puts every box on every level.
+        canonical_box_size, canonical_level: the rule's constants (224 <-> level 4).
+        convention: box window convention (:data:`WINDOW_CONVENTIONS`); the DeFeat/GK
+            masks are ``"exclusive"``.
+    """
+    min_level, max_level = min(levels.values()), max(levels.values())
+    assigned = [
+        assign_boxes_to_levels(b, min_level, max_level, canonical_box_size, canonical_level) if len(b) else None
+        for b in gt_boxes
+    ]
+    out = {}
+    for name, level in levels.items():
+        masks = []
+        for boxes, box_levels in zip(gt_boxes, assigned):
+            selected = boxes if (box_levels is None or not assign_by_scale) else boxes[box_levels == level]
+            if len(selected):
+                masks.append(box_mask(selected, strides[name], sizes[name], convention).to(boxes.device))
+            else:
+                masks.append(torch.zeros(tuple(sizes[name]), dtype=torch.float32, device=boxes.device))
+        out[name] = torch.stack(masks)
+    return out
+
+
+def resize_mask(mask: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """A ``(B, H, W)`` mask brought to ``size`` by nearest-neighbour sampling (identity if equal)."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0]
+
+
+def gt_boxes_of(instances, device=None) -> torch.Tensor:
+    """The ``(N, 4)`` XYXY ``gt_boxes`` of an ``Instances``; ``(0, 4)`` if it has none."""
+    if instances is not None and instances.has("gt_boxes"):
+        boxes = instances.gt_boxes.tensor
+        return boxes.to(device) if device is not None else boxes
+    return torch.zeros((0, 4), device=device)

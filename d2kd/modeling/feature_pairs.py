@@ -55,6 +55,13 @@ class FeaturePairing(nn.Module):
         t_shapes = feature_shapes(teacher, teacher_features, "teacher")
         self.names = student_features
         self.teacher_names = dict(zip(student_features, teacher_features))
+        self.teacher_input_scale = float(teacher_input_scale)
+        # Input pixels (of the student's image) per cell: the student map, and the teacher map
+        # on which the pair's loss is computed (what box masks are drawn on).
+        self.student_strides = {n: s_shapes[n].stride for n in student_features}
+        self.target_strides = {
+            n: t_shapes[t].stride / teacher_input_scale for n, t in self.teacher_names.items()
+        }
         self.adapters = nn.ModuleDict()
         for s_name, t_name in self.teacher_names.items():
             s_shape, t_shape = s_shapes[s_name], t_shapes[t_name]
@@ -96,8 +103,23 @@ class FeaturePairing(nn.Module):
         for name in self.names:
             s = self.student_feature(student_records, name)
             t = self.teacher_feature(teacher_records, name)
-            out.append((name, self.adapters[name](s, size=t.shape[-2:]), t, s))
+            if self.teacher_input_scale == 1.0:
+                out.append((name, self.adapters[name](s, size=t.shape[-2:]), t, s))
+                continue
+            # Teacher and student pad their batches separately (each to its own size
+            # divisibility, after the teacher's resize), so their maps cover different extents
+            # of the image: resize the student map to the teacher cells covering the same
+            # pixels, then keep the extent both maps cover (top-left aligned, as the images).
+            size = self.corresponding_size(name, s.shape[-2:])
+            h, w = min(size[0], t.shape[-2]), min(size[1], t.shape[-1])
+            adapted = self.adapters[name](s, size=size)[..., :h, :w]
+            out.append((name, adapted, t[..., :h, :w], s))
         return out
+
+    def corresponding_size(self, name: str, student_hw) -> Tuple[int, int]:
+        """The number of teacher cells spanning the pixels a student map of ``student_hw`` spans."""
+        cells = self.student_strides[name] / self.target_strides[name]  # teacher cells per student cell
+        return tuple(max(1, int(round(n * cells))) for n in student_hw)
 
 
 def add_feature_pairing_config(node, in_features=("p2", "p3", "p4", "p5", "p6"), kernel_size=1, init_std=0.0, relu=False):

@@ -107,7 +107,7 @@ class TeacherRunner:
 
     Args:
         teacher: the frozen teacher.
-        parts: subset of ``{"backbone", "rpn", "roi_box"}``.
+        parts: subset of ``{"backbone", "rpn", "roi_box", "dense"}``.
         recorder: the teacher's recorder (hooks on the modules the heads read).
         student_input_format: the channel order of ``batched_inputs["image"]``.
         input_scale: teacher input resolution / student input resolution.
@@ -116,7 +116,7 @@ class TeacherRunner:
     def __init__(self, teacher: nn.Module, parts: Set[str], recorder: Recorder, student_input_format: str, input_scale: float = 1.0):
         self.teacher = teacher
         self.parts = set(parts)
-        if self.parts & {"rpn", "roi_box"}:
+        if self.parts & {"rpn", "roi_box", "dense"}:
             self.parts.add("backbone")
         self.recorder = recorder
         self.flip_channels = _needs_channel_flip(student_input_format, getattr(teacher, "input_format", student_input_format))
@@ -157,7 +157,16 @@ class TeacherRunner:
                 rpn.rpn_head(teacher_rpn_features)
             if "roi_box" in self.parts:
                 self._run_box_head_on_student_proposals(features, student_records)
+            if "dense" in self.parts:
+                self._run_dense_head(features)
         return self.recorder.pop(), images
+
+    def _run_dense_head(self, features):
+        """A one-stage teacher (RetinaNet): its dense head and anchors, no decoding or NMS."""
+        teacher = self.teacher
+        dense_features = [features[f] for f in teacher.head_in_features]
+        teacher.anchor_generator(dense_features)
+        teacher.head(dense_features)
 
     def _run_box_head_on_student_proposals(self, features, student_records: Records):
         """Chen et al. 2017 / design note: RoI logits correspond one to one with the student's."""

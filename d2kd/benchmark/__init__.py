@@ -1,0 +1,8 @@
+"""
+Helpers shared by the benchmark scripts in ``tools/`` (``benchmark_accuracy.py``,
+``benchmark_overhead.py``, ``benchmark_speed.py``): method discovery from the config files,
+provenance (command, date, commit, versions), atomic JSON/Markdown output, progress/ETA.
+"""
+
+from .common import *  # noqa: F401,F403
+from .common import __all__  # noqa: F401

@@ -1,0 +1,77 @@
+"""Channel-wise distillation (Shu et al., ICCV 2021; methods.md 5.6)."""
+
+from detectron2.config import CfgNode as CN
+
+from ..capture import feature_shapes
+from ..losses import kd_kl_div
+from ..modeling.feature_pairs import add_feature_pairing_config, feature_pairing_from_config
+from .base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
+
+__all__ = ["CWD", "channel_wise_divergence"]
+
+
+def channel_wise_divergence(student, teacher, tau: float = 1.0):
+    """
+    CWD (Shu et al., "Channel-wise Knowledge Distillation for Dense Prediction", ICCV 2021,
+    Eq. 3-4): each channel's H×W map becomes a distribution ``φ(y_c) = softmax_hw(y_c/τ)``::
+
+        L = τ² / (N·C) · Σ_{n,c} KL( φ(y^T_{n,c}) || φ(y^S_{n,c}) )
+
+    i.e. Hinton's soft-label KL (:func:`kd_kl_div`) with the ``N·C`` channel maps as rows and
+    the ``H·W`` positions as classes. The teacher is detached.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"CWD needs equal student and teacher shapes, got {tuple(student.shape)} and {tuple(teacher.shape)}."
+        )
+    n, c = student.shape[:2]
+    return kd_kl_div(student.reshape(n * c, -1), teacher.reshape(n * c, -1), tau)
+
+
+@DISTILL_HEAD_REGISTRY.register()
+class CWD(DistillHead):
+    """
+    Channel-wise distillation of the FPN levels ``IN_FEATURES`` (p2..p6, as mmrazor's Faster
+    R-CNN R101 -> R50 config): one term per level, ``WEIGHT * channel_wise_divergence(S_l, T_l,
+    TAU)``, logged as ``loss_kd_cwd_<level>``; levels are summed (mmrazor: one loss per
+    level, each with loss_weight 10, τ = 1).
+
+    The student is used as is when its channels match the teacher's (mmrazor's FPN configs
+    have no connector); a 1x1 conv adapter (FeaturePairing) is built when the channel counts
+    differ, or for every level when ``ADAPTER.ENABLED`` is True.
+    """
+
+    @classmethod
+    def add_config(cls, cfg):
+        cfg.DISTILL.CWD = CN()
+        cfg.DISTILL.CWD.WEIGHT = 10.0
+        cfg.DISTILL.CWD.TAU = 1.0
+        add_feature_pairing_config(cfg.DISTILL.CWD)
+        # False: an adapter only where the channel counts differ.
+        cfg.DISTILL.CWD.ADAPTER.ENABLED = False
+
+    def __init__(self, cfg, context):
+        super().__init__(cfg, context)
+        opts = self.options(cfg)
+        if opts.TAU <= 0:
+            raise DistillConfigError(f"DISTILL.CWD.TAU must be > 0, got {opts.TAU}.")
+        self.weight = opts.WEIGHT
+        self.tau = opts.TAU
+        node = opts.clone()
+        node.defrost()
+        teacher_names = list(opts.TEACHER_FEATURES) or list(opts.IN_FEATURES)
+        if len(teacher_names) == len(opts.IN_FEATURES):
+            s_shapes = feature_shapes(context.student, opts.IN_FEATURES, "student")
+            t_shapes = feature_shapes(context.teacher, teacher_names, "teacher")
+            if any(s_shapes[s].channels != t_shapes[t].channels for s, t in zip(opts.IN_FEATURES, teacher_names)):
+                node.ADAPTER.ENABLED = True
+        self.pairing = feature_pairing_from_config(node, context, cfg)
+        self.student_modules = list(self.pairing.student_modules)
+        self.teacher_modules = list(self.pairing.teacher_modules)
+        self.teacher_parts = {"backbone"}
+
+    def forward(self, student, teacher, step):
+        return {
+            level: self.weight * channel_wise_divergence(adapted, target, self.tau)
+            for level, adapted, target, _ in self.pairing.pairs(student, teacher)
+        }

@@ -1,0 +1,489 @@
+"""
+Global Knowledge distillation (Tang et al., ECCV 2022; methods.md 3): PGM maths against
+independent numpy solutions, loss values against hand-written formulas, the DDP broadcast on
+two CPU processes, and a short BCCD run (prototypes, all terms, resume, empty images).
+"""
+
+import logging
+import math
+import os
+import numpy as np
+import pytest
+import torch
+from detectron2.engine import launch
+from detectron2.structures import BoxMode
+from detectron2.utils.events import EventStorage
+
+from d2kd import DistillTrainer
+from d2kd.engine.prototype_hook import PrototypeHook, broadcast_tensors, gather_to_main, plan_pgm_instances
+from d2kd.heads import BuildContext, DistillConfigError
+from d2kd.heads.gkd import GKD, decoupled_feature_loss, global_knowledge_loss
+from d2kd.losses import kd_kl_div
+from d2kd.modeling.distiller import DistillationModel
+from d2kd.modeling.prototypes import (
+    box_average_pool,
+    density_candidates,
+    matching_pursuit,
+    mp_coefficients,
+    robust_weights,
+    select_prototypes,
+)
+from d2kd.modeling.schedule import DistillSchedule
+
+from conftest import distill_cfg
+
+GKD_TERMS = [f"{kind}_p{l}" for l in range(2, 7) for kind in ("global", "feat")] + ["resp"]
+
+
+def _np_unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------
+# PGM maths
+# --------------------------------------------------------------------------------------------
+def test_eq5_closed_form_matches_least_squares():
+    rng = np.random.default_rng(0)
+    for alpha in (0.0, 1.0, 10.0, 37.5):
+        x_t, r_t = rng.normal(size=6), rng.normal(size=6)
+        x_s, r_s = rng.normal(size=4), rng.normal(size=4)
+        # Direct least squares of ||r_t - a_t x_t||^2 + ||r_s - a_s x_s||^2 + alpha (a_t - a_s)^2.
+        design = np.zeros((6 + 4 + 1, 2))
+        design[:6, 0], design[6:10, 1] = x_t, x_s
+        design[10] = [math.sqrt(alpha), -math.sqrt(alpha)]
+        target = np.concatenate([r_t, r_s, [0.0]])
+        expected = np.linalg.lstsq(design, target, rcond=None)[0]
+        # ... and the 2x2 normal equations of Eq. 5 solved directly.
+        system = np.array([[x_t @ x_t + alpha, -alpha], [-alpha, x_s @ x_s + alpha]])
+        np.testing.assert_allclose(np.linalg.solve(system, [x_t @ r_t, x_s @ r_s]), expected, rtol=1e-9)
+        a_t, a_s = mp_coefficients(
+            torch.tensor(x_t @ r_t), torch.tensor(x_s @ r_s), float(x_t @ x_t), float(x_s @ x_s), alpha
+        )
+        np.testing.assert_allclose([float(a_t), float(a_s)], expected, rtol=1e-9)
+    # Unit prototypes: the code's form a_t = (p_t + alpha (p_t + p_s)) / (1 + 2 alpha).
+    p_t, p_s, alpha = 0.3, -0.7, 10.0
+    a_t, a_s = mp_coefficients(torch.tensor(p_t), torch.tensor(p_s), 1.0, 1.0, alpha)
+    assert float(a_t) == pytest.approx((p_t + alpha * (p_t + p_s)) / (1 + 2 * alpha))
+    assert float(a_s) == pytest.approx((p_s + alpha * (p_t + p_s)) / (1 + 2 * alpha))
+
+
+def _numpy_matching_pursuit(xt, xs, candidates, steps, alpha):
+    """Alg. 1 step 4 with explicit residual matrices and a 2x2 solve per instance."""
+    rt, rs = xt.copy(), xs.copy()
+    picks = []
+    for _ in range(steps):
+        best, best_j, best_a = None, np.inf, None
+        for g in candidates:
+            system = np.array([[xt[g] @ xt[g] + alpha, -alpha], [-alpha, xs[g] @ xs[g] + alpha]])
+            a = np.linalg.solve(system, np.stack([rt @ xt[g], rs @ xs[g]]))  # (2, N)
+            j = (
+                ((rt - a[0][:, None] * xt[g]) ** 2).sum()
+                + ((rs - a[1][:, None] * xs[g]) ** 2).sum()
+                + alpha * ((a[0] - a[1]) ** 2).sum()
+            )
+            if j < best_j:
+                best, best_j, best_a = g, j, a
+        picks.append(best)
+        rt = rt - best_a[0][:, None] * xt[best]
+        rs = rs - best_a[1][:, None] * xs[best]
+    return picks
+
+
+def test_matching_pursuit_picks_the_known_best_prototype():
+    # A tight cluster around u (pairs of opposite perturbations, so u is its centre, and u
+    # itself is instance 0) plus two outliers, seen in two spaces related by a rotation.
+    u = _np_unit(np.array([1.0, 1.0, 0.2]))
+    e1 = _np_unit(np.cross(u, [0, 0, 1.0]))
+    e2 = np.cross(u, e1)
+    rows = [u]
+    for eps in (0.05, 0.1):
+        for e in (e1, e2):
+            rows += [_np_unit(u + eps * e), _np_unit(u - eps * e)]
+    rows += [_np_unit(np.array([1.0, -1.0, 0.0])), np.array([0.0, 0.0, 1.0])]
+    xt = np.stack(rows)
+    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))
+    xs = xt @ q.T
+    picks = matching_pursuit(
+        torch.tensor(xt), torch.tensor(xs), torch.arange(len(xt)), num_prototypes=3, alpha=10.0
+    ).tolist()
+    assert picks[0] == 0, picks
+    assert picks == _numpy_matching_pursuit(xt, xs, list(range(len(xt))), 3, 10.0)
+
+
+def test_matching_pursuit_matches_explicit_residuals():
+    rng = np.random.default_rng(2)
+    xt = _np_unit(rng.normal(size=(14, 6)))
+    xs = _np_unit(rng.normal(size=(14, 5)))
+    candidates = [1, 3, 4, 8, 9, 13]
+    expected = _numpy_matching_pursuit(xt, xs, candidates, 4, 10.0)
+    got = matching_pursuit(torch.tensor(xt), torch.tensor(xs), torch.tensor(candidates), 4, 10.0).tolist()
+    assert got == expected
+
+
+def test_density_filter_keeps_instances_dense_in_both_spaces():
+    def unit2d(degrees):
+        a = np.deg2rad(degrees)
+        return torch.tensor(np.stack([np.cos(a), np.sin(a)], 1))
+
+    # Teacher: a cluster at 0/2/4/10 degrees (10 the loosest) and two isolated instances (4, 5).
+    # Student: instance 0 is isolated, 1..4 form the cluster (4 the loosest), 5 isolated.
+    teacher = unit2d([0, 2, 4, 10, 60, 120])
+    student = unit2d([90, 0, 2, 4, 10, 200])
+    # 40th percentile of 6 densities = the 3rd smallest (index int(2.4) = 2): teacher keeps
+    # {0, 1, 2}, student keeps {1, 2, 3}; candidates must be dense in both: {1, 2}.
+    assert density_candidates(teacher, student, 0.1, 40.0).tolist() == [1, 2]
+    # The same from the densities written out in numpy.
+    for x, kept in ((teacher, [0, 1, 2]), (student, [1, 2, 3])):
+        x = x.numpy()
+        rho = np.exp(-(((1 - x @ x.T) / 0.1) ** 2)).sum(1)
+        assert np.nonzero(rho > np.sort(rho)[2])[0].tolist() == kept
+    # Nothing above the bound (identical instances): every instance stays a candidate.
+    same = unit2d([5, 5, 5])
+    assert density_candidates(same, same).tolist() == [0, 1, 2]
+
+
+def test_select_prototypes_stores_indices_of_raw_features():
+    rng = np.random.default_rng(3)
+    raw_t = torch.tensor(rng.normal(size=(20, 6)) * 5)
+    raw_s = torch.tensor(rng.normal(size=(20, 4)) * 0.1)
+    idx, candidates = select_prototypes(raw_t, raw_s, num_prototypes=3, alpha=10.0)
+    assert len(idx) == 3 and set(idx.tolist()) <= set(candidates.tolist())
+    # Selection is scale-free (features are L2-normalised first).
+    idx2, _ = select_prototypes(raw_t * 7, raw_s * 0.5, num_prototypes=3, alpha=10.0)
+    assert idx.tolist() == idx2.tolist()
+
+
+def test_robust_weight_is_one_when_spaces_agree_and_eq8_otherwise():
+    rng = np.random.default_rng(4)
+    feats = torch.tensor(rng.normal(size=(5, 4)))
+    protos = torch.tensor(rng.normal(size=(2, 3, 4)))
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    valid = torch.ones(2, dtype=torch.uint8)
+    q = torch.tensor(np.linalg.qr(rng.normal(size=(4, 4)))[0])
+    # Teacher space = rotated and rescaled student space: same cosines, w = 1.
+    w = robust_weights(feats, 3.0 * feats @ q.T, protos, 3.0 * protos @ q.T, valid, labels)
+    torch.testing.assert_close(w, torch.ones(5, dtype=w.dtype), rtol=0, atol=1e-6)
+
+    # Hand-made: max cos 0.8 in the student space, 0.5 in the teacher space -> w = 0.7.
+    # Class 1 holds a prototype identical to the features; it must not be used for class 0.
+    f_s, f_t = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]])
+    p_s = torch.tensor([[[0.8, 0.6], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])
+    p_t = torch.tensor([[[0.5, math.sqrt(0.75)], [-1.0, 0.0]], [[1.0, 0.0], [1.0, 0.0]]])
+    w = robust_weights(f_s, f_t, p_s, p_t, torch.tensor([1, 1]), torch.tensor([0]))
+    assert float(w) == pytest.approx(0.7, abs=1e-6)
+    # A class without prototypes gives w = 1.
+    w = robust_weights(f_s, f_t, p_s, p_t, torch.tensor([0, 1]), torch.tensor([0]))
+    assert float(w) == 1.0
+
+
+def test_box_average_pool_uses_integer_windows():
+    feature = torch.arange(2 * 5 * 6, dtype=torch.float64).reshape(2, 5, 6).requires_grad_()
+    boxes = torch.tensor([[3.0, 5.0, 13.0, 9.0], [1.0, 1.0, 2.0, 2.0], [20.0, 17.0, 40.0, 40.0]])
+    pooled = box_average_pool(feature, boxes, stride=4)
+    f = feature.detach().numpy()
+    # Cells [floor(x1/s), floor(x2/s)+1) x [floor(y1/s), floor(y2/s)+1), clipped to the map.
+    expected = np.stack(
+        [f[:, 1:3, 0:4].mean((1, 2)), f[:, 0:1, 0:1].mean((1, 2)), f[:, 4:5, 5:6].mean((1, 2))]
+    )
+    np.testing.assert_allclose(pooled.detach().numpy(), expected)
+    pooled.sum().backward()
+    assert feature.grad is not None and feature.grad[:, 0, 0].gt(0).all()
+    empty = box_average_pool(feature, torch.zeros(0, 4), stride=4)
+    assert empty.shape == (0, 2) and empty.requires_grad
+
+
+# --------------------------------------------------------------------------------------------
+# RDM loss values
+# --------------------------------------------------------------------------------------------
+def _np_smooth_l1(x):
+    return np.where(np.abs(x) < 1, 0.5 * x * x, np.abs(x) - 0.5)
+
+
+def test_global_loss_values():
+    rng = np.random.default_rng(5)
+    fs, ft = rng.normal(size=(3, 4)), rng.normal(size=(3, 6)) * 3
+    ps, pt = rng.normal(size=(5, 4)), rng.normal(size=(5, 6))
+    w = np.array([1.0, 0.5, 0.9])
+    cos_s = _np_unit(fs) @ _np_unit(ps).T
+    cos_t = _np_unit(ft) @ _np_unit(pt).T
+    student = torch.tensor(fs, requires_grad=True)
+    args = (student, torch.tensor(ft), torch.tensor(ps), torch.tensor(pt), torch.tensor(w))
+
+    loss = global_knowledge_loss(*args, projection="cosine")
+    expected = _np_smooth_l1(w[:, None] * cos_s - w[:, None] * cos_t).mean()
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+    alpha = 10.0
+    a_t = (cos_t + alpha * (cos_t + cos_s)) / (1 + 2 * alpha)
+    a_s = (cos_s + alpha * (cos_t + cos_s)) / (1 + 2 * alpha)
+    loss = global_knowledge_loss(*args, projection="mp", alpha=alpha)
+    assert float(loss) == pytest.approx(_np_smooth_l1(w[:, None] * (a_s - a_t)).mean(), rel=1e-6)
+    # Large differences reach the linear part of SmoothL1 (beta = 1).
+    big = global_knowledge_loss(
+        torch.tensor([[1.0, 0.0]]), torch.tensor([[-1.0, 0.0]]), torch.tensor([[1.0, 0.0]]),
+        torch.tensor([[1.0, 0.0]]), torch.tensor([1.0]),
+    )
+    assert float(big) == pytest.approx(2.0 - 0.5)
+    # No instance (an image without positives) gives 0.
+    zero = global_knowledge_loss(torch.zeros(0, 4), torch.zeros(0, 6), torch.tensor(ps), torch.tensor(pt), torch.zeros(0))
+    assert float(zero) == 0.0
+
+
+def test_decoupled_feature_loss_matches_the_code_formula():
+    rng = np.random.default_rng(6)
+    s, t = rng.normal(size=(2, 3, 4, 5)), rng.normal(size=(2, 3, 4, 5))
+    m = np.zeros((2, 4, 5))
+    m[0, 1:3, 1:4] = 0.8
+    m[0, 2, 3] = 0.6
+    m[1, 0, 0] = 1.0
+    # The code (KDLoss): mask repeated over channels, normalisers max(1, 2 * sum).
+    d2 = (s - t) ** 2
+    m_c = np.repeat(m[:, None], 3, axis=1)
+    bg_c = 1.0 - (m_c > 0)
+    fg = (d2 * m_c).sum() / max(1.0, 2 * m_c.sum())
+    bg = (d2 * bg_c).sum() / max(1.0, 2 * bg_c.sum())
+    loss = decoupled_feature_loss(torch.tensor(s), torch.tensor(t), torch.tensor(m), fg_weight=1.0, bg_weight=4.0)
+    assert float(loss) == pytest.approx(fg + 4 * bg, rel=1e-6)
+    fg_only = decoupled_feature_loss(torch.tensor(s), torch.tensor(t), torch.tensor(m), 1.0, 0.0)
+    assert float(fg_only) == pytest.approx(fg, rel=1e-6)
+    empty = decoupled_feature_loss(torch.tensor(s, requires_grad=True), torch.tensor(t), torch.zeros(2, 4, 5), 1.0, 0.0)
+    assert float(empty) == 0.0 and empty.requires_grad
+
+
+def test_weighted_response_kl_values():
+    rng = np.random.default_rng(7)
+    zs, zt, w, T = rng.normal(size=(4, 5)), rng.normal(size=(4, 5)) * 2, np.array([1.0, 0.2, 0.7, 0.0]), 2.0
+
+    def log_softmax(z):
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    q, lq, lp = np.exp(log_softmax(zt / T)), log_softmax(zt / T), log_softmax(zs / T)
+    kl = (q * (lq - lp)).sum(1)
+    got = kd_kl_div(torch.tensor(zs), torch.tensor(zt), T, weights=torch.tensor(w))
+    assert float(got) == pytest.approx((w * kl).mean() * T * T, rel=1e-6)
+    got = kd_kl_div(torch.tensor(zs), torch.tensor(zt), T, weights=torch.tensor(w), class_mean=True)
+    assert float(got) == pytest.approx((w * kl / 5).mean() * T * T, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# PGM instance plan and the DDP path
+# --------------------------------------------------------------------------------------------
+def test_pgm_plan_filters_sizes_caps_images_per_class_and_is_seeded():
+    def image(i, anns):
+        return {
+            "file_name": f"img{i}.jpg", "height": 100, "width": 200, "image_id": i,
+            "annotations": [
+                {"bbox": list(b), "bbox_mode": BoxMode.XYWH_ABS, "category_id": c, "iscrowd": crowd}
+                for b, c, crowd in anns
+            ],
+        }
+
+    # Test-time resize: short side 100 -> 50 (scale 0.5); MIN_BOX_SIZE 12 px in that image.
+    dicts = [image(i, [((0, 0, 30, 30), 0, 0)]) for i in range(5)]  # 15x15 after resize: kept
+    dicts[1]["annotations"].append({"bbox": [10, 10, 30, 40], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 1, "iscrowd": 0})
+    dicts.append(image(5, [((0, 0, 24, 60), 0, 0), ((0, 0, 60, 60), 1, 1), ((5, 5, 40, 40), 1, 0)]))
+    # image 5: the class-0 box is 12 px wide after resize (not > 12): dropped; the crowd box too.
+    plan = plan_pgm_instances(dicts, 3, 50, 1000, min_box_size=12.0, max_images_per_class=2, seed=1)
+    assert plan.class_num_images == [5, 2, 0]
+    chosen0 = [plan.images[k]["image_id"] for k, _ in plan.class_instances[0]]
+    assert len(chosen0) == 2 and set(chosen0) <= set(range(5))
+    assert sorted(plan.images[k]["image_id"] for k, _ in plan.class_instances[1]) == [1, 5]
+    assert plan.class_instances[2] == [] and plan.num_instances(1) == 2
+    # Image 5 contributes only its class-1 box (XYXY, original pixels).
+    img5 = next(d for d in plan.images if d["image_id"] == 5)
+    np.testing.assert_allclose(img5["pgm_boxes"], [[5, 5, 45, 45]])
+    # The same subset at every update (fixed seed), another one with another seed.
+    again = plan_pgm_instances(dicts, 3, 50, 1000, 12.0, 2, seed=1)
+    assert [plan.images[k]["image_id"] for k, _ in again.class_instances[0]] == chosen0
+    others = {
+        tuple(sorted(p.images[k]["image_id"] for k, _ in p.class_instances[0]))
+        for p in (plan_pgm_instances(dicts, 3, 50, 1000, 12.0, 2, seed=s) for s in range(2, 8))
+    }
+    assert len(others) > 1
+
+
+def _ddp_worker(out_dir):
+    """Each rank extracts different "instances"; rank 0 selects; everyone gets its prototypes."""
+    from detectron2.utils import comm
+
+    rank = comm.get_rank()
+    local = {rank * 10 + i: f for i, f in enumerate(_rank_feats(rank))}
+    merged = gather_to_main(local)
+    prototypes = torch.zeros(3, 3)
+    valid = torch.zeros(2, dtype=torch.uint8)
+    if comm.is_main_process():
+        feats = torch.cat([merged[k] for k in sorted(merged)])
+        idx, _ = select_prototypes(feats, feats.flip(1), num_prototypes=3, alpha=10.0)
+        prototypes.copy_(feats[idx])
+        valid.fill_(1)
+    broadcast_tensors([prototypes, valid])
+    keys = sorted(merged) if merged is not None else None
+    torch.save({"prototypes": prototypes, "valid": valid, "keys": keys}, os.path.join(out_dir, f"rank{rank}.pth"))
+
+
+def test_prototypes_identical_on_two_ranks(tmp_path):
+    # Two spawned CPU processes (gloo), as `train_net.py --num-gpus 2` starts them.
+    launch(_ddp_worker, 2, dist_url="auto", args=(str(tmp_path),))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pth", weights_only=True) for r in (0, 1))
+    assert r0["keys"] == [0, 1, 10, 11] and r1["keys"] is None  # both ranks' shares reached rank 0
+    assert torch.equal(r0["prototypes"], r1["prototypes"]) and r0["prototypes"].abs().sum() > 0
+    assert r0["valid"].tolist() == r1["valid"].tolist() == [1, 1]
+    # Rank 0 selected from the union of both ranks' instances.
+    feats = torch.cat([f for r in (0, 1) for f in _rank_feats(r)])
+    idx, _ = select_prototypes(feats, feats.flip(1), num_prototypes=3, alpha=10.0)
+    torch.testing.assert_close(r1["prototypes"], feats[idx])
+
+
+def _rank_feats(rank):
+    gen = torch.Generator().manual_seed(100 + rank)
+    return [torch.randn(4, 3, generator=gen) for _ in range(2)]
+
+
+# --------------------------------------------------------------------------------------------
+# A short BCCD run
+# --------------------------------------------------------------------------------------------
+class _ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+PGM_TINY = ["DISTILL.GKD.PGM.MAX_IMAGES_PER_CLASS", 1]
+
+
+@pytest.fixture(scope="module")
+def gkd_run(tmp_path_factory, teacher_r18_weights):
+    out = tmp_path_factory.mktemp("gkd")
+    cfg = distill_cfg("bccd/distill_gkd_R50_R18.yaml", out / "run", teacher_r18_weights, opts=PGM_TINY, max_iter=2)
+    handler = _ListHandler()
+    pgm_logger = logging.getLogger("d2kd.engine.prototype_hook")
+    pgm_logger.addHandler(handler)
+    pgm_logger.setLevel(logging.INFO)
+    try:
+        trainer = DistillTrainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+    finally:
+        pgm_logger.removeHandler(handler)
+    return cfg, trainer, handler.messages
+
+
+def _hook(trainer):
+    return next(h for h in trainer._hooks if isinstance(h, PrototypeHook))
+
+
+def test_short_bccd_run_all_terms_finite_and_logged(gkd_run):
+    cfg, trainer, messages = gkd_run
+    head = trainer.heads["gkd"]
+    for term in GKD_TERMS:
+        values = [v for v, _ in trainer.storage.history(f"loss_kd_gkd_{term}").values()]
+        assert len(values) == 2 and all(math.isfinite(v) for v in values), term
+    assert any(v > 0 for v, _ in trainer.storage.history("loss_kd_gkd_resp").values())
+    # Prototypes: computed once, before training, for every class (BCCD has all three).
+    assert _hook(trainer).num_updates == 1 and int(head.prototype_iter) == 0
+    assert head.prototype_valid.all()
+    ps, pt, _ = head.prototypes("p3")
+    assert ps.shape == (3, 10, 128) and ps.abs().sum(-1).gt(0).all() and pt.abs().sum(-1).gt(0).all()
+    # Progress lines with counts, time and ETA, and a summary with instance counts.
+    assert any("features of" in m and "images" in m and "ETA" in m for m in messages), messages
+    assert any("prototypes updated before iteration 0" in m and "instances" in m for m in messages), messages
+    # Robust weights are logged and lie in [0, 1].
+    w = trainer.storage.history("gkd/robust_weight_feat").latest()
+    assert 0.0 <= w <= 1.0
+
+
+def test_resume_restores_prototypes_without_recomputing(gkd_run):
+    cfg, trainer, _ = gkd_run
+    saved = {k: v.clone() for k, v in trainer.heads.state_dict().items() if "prototype" in k}
+    checkpoint = torch.load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), weights_only=False)
+    assert {k for k in checkpoint["distiller"] if "prototype" in k} == set(saved)
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.SOLVER.MAX_ITER = 3
+    resumed = DistillTrainer(cfg)
+    assert int(resumed.heads["gkd"].prototype_iter) == -1
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    head = resumed.heads["gkd"]
+    for k, v in saved.items():
+        assert torch.equal(head.state_dict()[k], v), k
+    resumed.train()
+    assert _hook(resumed).num_updates == 0, "prototypes were recomputed after resuming"
+    for k, v in saved.items():
+        assert torch.equal(head.state_dict()[k], v), k
+    assert math.isfinite(resumed.storage.history("loss_kd_gkd_global_p2").latest())
+
+
+def test_images_without_boxes_and_missing_prototypes(gkd_run):
+    cfg, trainer, _ = gkd_run
+    batch = next(iter(trainer.data_loader))
+    for x in batch:
+        x["instances"] = x["instances"][:0]
+    model = trainer.model
+    model.train()
+    with EventStorage(1):
+        losses = model(batch)
+        terms = {k: v for k, v in losses.items() if k.startswith("loss_kd_gkd")}
+        assert set(terms) == {f"loss_kd_gkd_{t}" for t in GKD_TERMS}
+        assert all(torch.isfinite(v) for v in terms.values())
+        # No instance: no global, foreground or response loss.
+        assert all(float(v) == 0.0 for v in terms.values())
+        sum(losses.values()).backward()
+
+        head = trainer.heads["gkd"]
+        head.prototype_iter.fill_(-1)
+        try:
+            with pytest.raises(RuntimeError, match="prototypes have not been generated"):
+                model(batch)
+        finally:
+            head.prototype_iter.fill_(0)
+
+
+def test_released_code_preset_has_no_global_term(gkd_run, teacher_r18_weights, tmp_path):
+    _, trainer, _ = gkd_run
+    cfg = distill_cfg(
+        "bccd/distill_gkd_released_code_R50_R18.yaml", tmp_path, teacher_r18_weights, opts=PGM_TINY, max_iter=2
+    )
+    opts = cfg.DISTILL.GKD
+    assert (opts.GLOBAL_WEIGHT, opts.BG_WEIGHT, opts.RESPONSE_WEIGHT, opts.KL_CLASS_MEAN, opts.LINEAR_DECAY) == (
+        0.0, 4.0, 1.0, True, True,
+    )
+    context = BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher.d2kd_cfg)
+    head = GKD(cfg, context)
+    head.load_state_dict(trainer.heads["gkd"].state_dict())  # same buffers and adapters
+    assert head.decay(1) == pytest.approx(0.5) and head.needs_prototypes
+    model = DistillationModel(trainer.student, trainer.teacher, torch.nn.ModuleDict({"gkd": head}), DistillSchedule())
+    model.train()
+    batch = next(iter(trainer.data_loader))
+    with EventStorage(0):
+        losses = model(batch)
+    terms = {k for k in losses if k.startswith("loss_kd_gkd")}
+    assert terms == {f"loss_kd_gkd_feat_p{l}" for l in range(2, 7)} | {"loss_kd_gkd_resp"}
+    assert all(torch.isfinite(losses[k]) for k in terms)
+    # The background term makes every level's feature loss positive.
+    assert all(float(losses[f"loss_kd_gkd_feat_p{l}"]) > 0 for l in range(2, 7))
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["DISTILL.GKD.PROJECTION", "dot"], "PROJECTION must be one of"),
+        (["DISTILL.GKD.PGM.NUM_PROTOTYPES", 0], "NUM_PROTOTYPES must be >= 1"),
+        (["DISTILL.GKD.PGM.DENSITY_PERCENTILE", 100.0], "DENSITY_PERCENTILE"),
+        (["DISTILL.GKD.IN_FEATURES", ["p2", "p4", "p5"]], "consecutive FPN levels"),
+        (["DISTILL.GKD.IN_FEATURES", ["p2", "p3", "p4"]], "no prototypes for.*p5"),
+        (["DISTILL.GKD.GLOBAL_WEIGHT", 0.0, "DISTILL.GKD.FEATURE_WEIGHT", 0.0, "DISTILL.GKD.RESPONSE_WEIGHT", 0.0], "nothing to distil"),
+    ],
+)
+def test_bad_config_is_a_build_error(gkd_run, teacher_r18_weights, tmp_path, opts, message):
+    _, trainer, _ = gkd_run
+    cfg = distill_cfg("bccd/distill_gkd_R50_R18.yaml", tmp_path, teacher_r18_weights, opts=opts)
+    with pytest.raises(DistillConfigError, match=message):
+        GKD(cfg, BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher.d2kd_cfg))

@@ -1,0 +1,797 @@
+#!/usr/bin/env python
+"""
+Accuracy study on BCCD: the R50 teacher, the R18 student baseline and the student distilled
+with every method preset, over several seeds; COCO-style AP, AP50, AP75.
+
+    python tools/benchmark_accuracy.py                         # every method, seeds 0 1 2, bccd_test
+    python tools/benchmark_accuracy.py --methods kd fitnet --seeds 0 1
+    python tools/benchmark_accuracy.py --eval-split val        # tuning: train bccd_train, eval bccd_val
+    python tools/benchmark_accuracy.py --dry-run               # print the plan and the commands
+    python tools/benchmark_accuracy.py --report-only           # redraw the table/chart from the JSON
+    python tools/benchmark_accuracy.py --quick --output-dir /tmp/q   # seconds-long smoke run
+
+Methods are the files ``configs/bccd/distill_<method>_R50_R18.yaml`` present at run time.
+Every run is ``python train_net.py --config-file <config> SEED <s> OUTPUT_DIR <dir> ...``
+(a subprocess by default, ``--in-process`` to call ``train_net.main``); train_net writes
+``OUTPUT_DIR/eval_results.json`` after training, which is what is recorded.
+
+Results accumulate in ``<output-dir>/bccd_accuracy[_val][_<tag>].json``, one entry per
+(method, seed) with the command, config, iterations, wall time, date and git commit; a
+(method, seed) already there is skipped unless ``--force``; an interrupted training is
+continued with ``--resume``. The Markdown table (mean +- sample std over seeds, gain over the
+baseline, fraction of the teacher-student gap closed) and a bar chart are written beside it.
+
+The teacher is trained once: in the default (test) study it lives at the path the distill
+configs read (``output/bccd/teacher_R50_FPN/model_final.pth``) and is reused when present.
+The validation study (``--eval-split val``) trains its own teacher on ``bccd_train`` so no
+number used for tuning has seen ``bccd_val``; never tune on ``bccd_test``.
+
+``--student-iters`` / ``--teacher-iters`` change MAX_ITER and scale SOLVER.STEPS,
+SOLVER.CHECKPOINT_PERIOD, DISTILL.WARMUP_ITERS and DISTILL.STOP_ITER in proportion; the
+iterations are recorded with each result, and one results file never mixes schedules (use
+``--tag`` for a second schedule).
+"""
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from d2kd.benchmark import (  # noqa: E402
+    QUICK_INPUT_OPTS,
+    REPO_ROOT,
+    STUDENT_CONFIG,
+    BCCD_CONFIG_DIR,
+    Progress,
+    command_string,
+    discover_methods,
+    fmt_duration,
+    in_repo_root,
+    torch_threads,
+    load_cfg,
+    markdown_table,
+    merge_opts,
+    provenance,
+    read_json,
+    select_names,
+    write_json,
+    write_text,
+)
+
+SCRIPT = "tools/benchmark_accuracy.py"
+SPLITS = {
+    "test": {"train": "bccd_trainval", "test": "bccd_test"},
+    "val": {"train": "bccd_train", "test": "bccd_val"},
+}
+QUICK_SPLIT = {"train": "bccd_quick_train", "test": "bccd_quick_test"}
+QUICK_IMAGES = {"train": ("train", 4), "test": ("test", 2)}
+METRICS = ("AP", "AP50", "AP75")
+# Relative cost of one iteration, only for the ETA (R50 step vs R18 step vs distillation step).
+COST = {"teacher": 2.5, "baseline": 1.0, "distill": 1.8, "teacher_eval": 0.0}
+# A teacher folder whose metrics.json changed this recently is taken to be training now.
+TEACHER_BUSY_SECONDS = 600
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Job:
+    """One training (or evaluation) run of the study."""
+
+    method: str  # "teacher", "baseline" or a method name
+    seed: int
+    kind: str  # "teacher", "baseline", "distill" or "teacher_eval"
+    config: str
+    opts: List[str]
+    output_dir: str
+    iterations: int
+    action: str = ""  # skip / harvest / resume / train / eval
+    reason: str = ""
+    extra: Dict = field(default_factory=dict)
+
+    @property
+    def key(self):
+        return (self.method, self.seed)
+
+    @property
+    def label(self):
+        return "teacher" if self.kind in ("teacher", "teacher_eval") else f"{self.method} seed {self.seed}"
+
+    def train_net_args(self) -> List[str]:
+        args = ["--config-file", self.config]
+        if self.action == "eval":
+            args.append("--eval-only")
+        elif self.action == "resume":
+            args.append("--resume")
+        elif self.action == "train" and self.extra.get("overwrite"):
+            args.append("--overwrite")
+        if self.extra.get("num_gpus", 1) != 1:
+            args += ["--num-gpus", str(self.extra["num_gpus"])]
+        return args + [str(o) for o in self.opts]
+
+    def command(self) -> str:
+        import shlex
+
+        return shlex.join(["python", "train_net.py"] + self.train_net_args())
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", help="methods to run (default: every configs/bccd/distill_<method>_R50_R18.yaml)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="SEED values (default: 0 1 2; --quick: 0)")
+    p.add_argument("--no-baseline", action="store_true", help="do not run the student baseline")
+    p.add_argument("--eval-split", choices=sorted(SPLITS), default="test",
+                   help="test: train bccd_trainval, evaluate bccd_test (report). val: train bccd_train, "
+                        "evaluate bccd_val (tuning; its own teacher)")
+    p.add_argument("--student-iters", type=int, help="override SOLVER.MAX_ITER of student runs (schedule scaled)")
+    p.add_argument("--teacher-iters", type=int, help="override SOLVER.MAX_ITER of the teacher (if it is trained here)")
+    p.add_argument("--teacher-weights", help="use these teacher weights (not trained here); it is evaluated on the split")
+    p.add_argument("--force", action="store_true", help="re-run (method, seed) pairs already in the results")
+    p.add_argument("--tag", default="", help="suffix of the results name (a second schedule, an ablation)")
+    p.add_argument("--output-dir", help="where the JSON/Markdown/PNG go (default benchmarks/results; "
+                                        "--quick: output/benchmarks/quick)")
+    p.add_argument("--work-dir", help="where runs train (default output/benchmarks; --quick: <output-dir>/work)")
+    p.add_argument("--in-process", action="store_true", help="call train_net.main in this process (default: a subprocess per run)")
+    p.add_argument("--num-gpus", type=int, default=1, help="passed to train_net.py")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; --quick: 1); "
+                                                "subprocess runs get OMP_NUM_THREADS")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and commands, run nothing")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the Markdown table and chart from the JSON")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 1 method, 1 seed, 2 iterations, 128 px, a few images, in-process")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides appended to every run")
+    return p
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def scale_schedule_opts(cfg, iters: Optional[int]) -> List[str]:
+    """Overrides setting MAX_ITER to ``iters`` and scaling the other iteration counts with it."""
+    if iters is None or iters == cfg.SOLVER.MAX_ITER:
+        return []
+    if iters <= 0:
+        raise SystemExit(f"Iteration counts must be positive, got {iters}.")
+    ratio = iters / cfg.SOLVER.MAX_ITER
+    steps = tuple(s for s in (int(round(s * ratio)) for s in cfg.SOLVER.STEPS) if 0 < s < iters)
+    opts = [
+        "SOLVER.MAX_ITER", str(iters),
+        "SOLVER.STEPS", repr(steps),
+        "SOLVER.WARMUP_ITERS", str(min(cfg.SOLVER.WARMUP_ITERS, max(1, int(round(cfg.SOLVER.WARMUP_ITERS * ratio))))),
+        "SOLVER.CHECKPOINT_PERIOD", str(max(1, int(round(cfg.SOLVER.CHECKPOINT_PERIOD * ratio)))),
+    ]
+    if "DISTILL" in cfg and cfg.DISTILL.HEADS:
+        if cfg.DISTILL.WARMUP_ITERS > 0:
+            opts += ["DISTILL.WARMUP_ITERS", str(int(round(cfg.DISTILL.WARMUP_ITERS * ratio)))]
+        if cfg.DISTILL.STOP_ITER >= 0:
+            opts += ["DISTILL.STOP_ITER", str(int(round(cfg.DISTILL.STOP_ITER * ratio)))]
+    return opts
+
+
+def _final_iters(config: str, opts: List[str]) -> int:
+    return int(load_cfg(config, opts).SOLVER.MAX_ITER)
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def _read_run_config(output_dir: str) -> Optional[dict]:
+    path = os.path.join(output_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    try:
+        import yaml
+
+        with open(path) as f:
+            return yaml.unsafe_load(f)
+    except Exception:
+        return None
+
+
+def _same_run(saved: Optional[dict], iterations: int, test_dataset: str, seed: Optional[int]) -> bool:
+    """Whether the config saved in a run folder is the run we want."""
+    if not saved:
+        return False
+    try:
+        same = int(saved["SOLVER"]["MAX_ITER"]) == iterations and list(saved["DATASETS"]["TEST"]) == [test_dataset]
+        return same and (seed is None or int(saved["SEED"]) == seed)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def plan_action(output_dir: str, iterations: int, test_dataset: str, seed: Optional[int], force: bool = False):
+    """
+    What to do with a run folder: ``("harvest", why)`` if it holds this run's final weights and
+    their evaluation, ``("resume", why)`` if it holds an interrupted run, ``("train", why)`` otherwise.
+    """
+    if force:
+        return "train", "--force"
+    final = os.path.join(output_dir, "model_final.pth")
+    results = os.path.join(output_dir, "eval_results.json")
+    saved = _read_run_config(output_dir)
+    same = _same_run(saved, iterations, test_dataset, seed)
+    if os.path.isfile(final) and os.path.isfile(results) and same and os.path.getmtime(results) >= os.path.getmtime(final):
+        return "harvest", "finished run found (model_final.pth + eval_results.json)"
+    if os.path.isfile(os.path.join(output_dir, "last_checkpoint")) and same:
+        return "resume", "interrupted run found (last_checkpoint)"
+    if saved is not None and not same:
+        return "train", "the folder holds a different run; starting over"
+    return "train", "no previous run"
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+class SubprocessRunner:
+    """Runs ``python train_net.py ARGS`` in the repository root; its output goes to a log file."""
+
+    poll_seconds = 30
+    report_seconds = 300
+
+    def run(self, job: Job, log_path: str):
+        cmd = [sys.executable, os.path.join(REPO_ROOT, "train_net.py")] + job.train_net_args()
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        last_report = time.time()
+        with open(log_path, "a") as log:
+            log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {job.command()}\n")
+            log.flush()
+            env = dict(os.environ)
+            if job.extra.get("threads"):
+                env["OMP_NUM_THREADS"] = str(job.extra["threads"])
+            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+            try:
+                while True:
+                    try:
+                        rc = proc.wait(timeout=self.poll_seconds)
+                        break
+                    except subprocess.TimeoutExpired:
+                        if time.time() - last_report >= self.report_seconds:
+                            last_report = time.time()
+                            it = _last_iteration(job.output_dir)
+                            if it is not None:
+                                print(f"    ... iteration {it + 1}/{job.iterations}", flush=True)
+            except BaseException:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
+        if rc != 0:
+            raise RunFailed(f"train_net.py exited with {rc}; last lines of {log_path}:\n{_tail(log_path)}")
+
+
+class InProcessRunner:
+    """Calls ``train_net.main`` in this process (used by --quick and the tests)."""
+
+    _train_net = None
+
+    def run(self, job: Job, log_path: str):
+        if job.extra.get("num_gpus", 1) != 1:
+            raise SystemExit("--in-process runs one process; drop --num-gpus or --in-process.")
+        train_net = self._load_train_net()
+        args = train_net.build_parser().parse_args(job.train_net_args())
+        loggers = [logging.getLogger(n) for n in ("detectron2", "fvcore", "d2kd", "d2")]
+        before = {lg.name: list(lg.handlers) for lg in loggers}
+        try:
+            train_net.main(args)
+        except Exception as e:
+            raise RunFailed(f"{type(e).__name__}: {e}") from e
+        finally:
+            _remove_new_handlers(loggers, before)
+
+    @classmethod
+    def _load_train_net(cls):
+        if cls._train_net is None:
+            spec = importlib.util.spec_from_file_location("d2kd_train_net", os.path.join(REPO_ROOT, "train_net.py"))
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            cls._train_net = module
+        return cls._train_net
+
+
+def _remove_new_handlers(loggers, before):
+    """default_setup adds a log file per OUTPUT_DIR; drop them so later runs do not write there."""
+    from detectron2.utils.logger import setup_logger
+
+    for lg in loggers:
+        for h in list(lg.handlers):
+            if h not in before[lg.name]:
+                lg.removeHandler(h)
+                h.close()
+    setup_logger.cache_clear()
+
+
+def _last_iteration(output_dir: str) -> Optional[int]:
+    path = os.path.join(output_dir, "metrics.json")
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+        return int(json.loads(lines[-1])["iteration"])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def _tail(path: str, n: int = 30) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def read_eval_results(output_dir: str) -> Dict[str, Dict[str, float]]:
+    """``{"bbox": {...}, "teacher/bbox": {...}}`` as train_net wrote it (NaN -> None)."""
+    path = os.path.join(output_dir, "eval_results.json")
+    if not os.path.isfile(path):
+        raise RunFailed(f"{path} was not written: the run did not evaluate (is DATASETS.TEST set?).")
+    with open(path) as f:
+        data = json.load(f)
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out[key] = {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in value.items()}
+    if "bbox" not in out:
+        raise RunFailed(f"{path} has no 'bbox' results (keys: {sorted(data)}).")
+    return out
+
+
+def find_entry(results: dict, method: str, seed: int) -> Optional[dict]:
+    for entry in results.get("runs", []):
+        if entry["method"] == method and entry["seed"] == seed:
+            return entry
+    return None
+
+
+def store_entry(results: dict, entry: dict):
+    runs = [e for e in results.setdefault("runs", []) if (e["method"], e["seed"]) != (entry["method"], entry["seed"])]
+    runs.append(entry)
+    order = {"teacher": 0, "baseline": 1}
+    runs.sort(key=lambda e: (order.get(e["method"], 2), e["method"], e["seed"]))
+    results["runs"] = runs
+
+
+def _mean_std(values: List[float]):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize(runs: List[dict], metrics=METRICS) -> "OrderedDict[str, dict]":
+    """
+    Per method: n seeds, mean and sample standard deviation (ddof 1) of each metric, the
+    gain of the mean over the baseline's mean, and the fraction of the teacher-student gap
+    closed, ``(mean_method - mean_baseline) / (mean_teacher - mean_baseline)``.
+    Rows: teacher, baseline, then methods by decreasing mean AP.
+    """
+    by_method: Dict[str, List[dict]] = OrderedDict()
+    for entry in runs:
+        by_method.setdefault(entry["method"], []).append(entry)
+    rows = OrderedDict()
+    for method, entries in by_method.items():
+        row = {"method": method, "n": len(entries), "seeds": sorted(e["seed"] for e in entries),
+               "iterations": sorted({e.get("iterations") for e in entries}, key=str)}
+        for m in metrics:
+            row[m], row[m + "_std"] = _mean_std([e["metrics"].get(m) for e in entries])
+        rows[method] = row
+    base, teacher = rows.get("baseline"), rows.get("teacher")
+    for method, row in rows.items():
+        for m in metrics:
+            gain = gap = None
+            if base and method not in ("baseline", "teacher") and row[m] is not None and base[m] is not None:
+                gain = row[m] - base[m]
+                if teacher and teacher[m] is not None and teacher[m] - base[m] > 0:
+                    gap = gain / (teacher[m] - base[m])
+            row[m + "_gain"], row[m + "_gap_closed"] = gain, gap
+    ordered = OrderedDict()
+    for special in ("teacher", "baseline"):
+        if special in rows:
+            ordered[special] = rows.pop(special)
+    for method in sorted(rows, key=lambda k: -(rows[k]["AP"] if rows[k]["AP"] is not None else -1e9)):
+        ordered[method] = rows[method]
+    return ordered
+
+
+def _fmt(mean, std=None, signed=False, digits=1):
+    if mean is None:
+        return "–"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def render_markdown(results: dict) -> str:
+    summary = summarize(results.get("runs", []))
+    rows = []
+    for method, r in summary.items():
+        rows.append([
+            f"**{method}**" if method in ("teacher", "baseline") else method,
+            r["n"],
+            _fmt(r["AP"], r["AP_std"]), _fmt(r["AP50"], r["AP50_std"]), _fmt(r["AP75"], r["AP75_std"]),
+            _fmt(r["AP_gain"], signed=True),
+            "–" if r["AP_gap_closed"] is None else f"{100 * r['AP_gap_closed']:.0f}%",
+            "/".join(str(i) for i in r["iterations"]),
+        ])
+    runs = results.get("runs", [])
+    dates = sorted(e["date"] for e in runs if e.get("date"))
+    commits = sorted({(e.get("git") or {}).get("commit") or "?" for e in runs})
+    dirty = any((e.get("git") or {}).get("dirty") for e in runs)
+    lines = [
+        f"# BCCD accuracy: R50-FPN teacher -> R18-FPN student ({results.get('split')} split)",
+        "",
+        f"Trained on `{results.get('train_dataset')}`, evaluated on `{results.get('test_dataset')}` "
+        "(COCO-style box AP, AP50, AP75, in %). Mean ± sample standard deviation over seeds (n). "
+        "Gain: mean AP minus the baseline's mean AP. Gap closed: gain / (teacher AP − baseline AP).",
+        "",
+        markdown_table(
+            ["Method", "n", "AP", "AP50", "AP75", "ΔAP vs baseline", "gap closed", "iters"],
+            rows, align="lrrrrrrr",
+        ),
+        f"Runs: {len(runs)}; dates {dates[0] if dates else '?'} .. {dates[-1] if dates else '?'}; "
+        f"commit(s) {', '.join(c[:12] for c in commits)}{' (working tree had local changes)' if dirty else ''}.",
+        "",
+        "Made by:",
+        "",
+    ]
+    for inv in results.get("invocations", [])[-10:]:
+        lines.append(f"    {inv['command']}    # {inv.get('date', '')}")
+    lines += ["", "Per-run commands, configs and wall times: the JSON file beside this one.", ""]
+    return "\n".join(lines)
+
+
+def render_chart(results: dict, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(results.get("runs", []))
+    if not summary:
+        return None
+    names = list(summary)
+    width = 0.26
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.2))
+    for k, m in enumerate(METRICS):
+        xs = [i + (k - 1) * width for i in range(len(names))]
+        means = [summary[n][m] if summary[n][m] is not None else 0.0 for n in names]
+        stds = [summary[n][m + "_std"] or 0.0 for n in names]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=m)
+    base = summary.get("baseline", {}).get("AP")
+    if base is not None:
+        ax.axhline(base, color="gray", linestyle="--", linewidth=1, label="baseline AP")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([f"{n}\n(n={summary[n]['n']})" for n in names], fontsize=8)
+    ax.set_ylabel("box AP (%)")
+    ax.set_title(f"BCCD R50→R18 distillation, {results.get('test_dataset')} (mean ± std over seeds)")
+    ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def _sha1(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha1(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def register_quick_datasets(root: str) -> Dict[str, str]:
+    """A few BCCD images as ``bccd_quick_train`` / ``bccd_quick_test`` (links to the real files)."""
+    from d2kd.data import BCCD_CLASSES, datasets_root, register_voc_dataset
+
+    src = os.path.abspath(os.path.join(datasets_root(), "bccd"))
+    os.makedirs(os.path.join(root, "ImageSets", "Main"), exist_ok=True)
+    for sub in ("Annotations", "JPEGImages"):
+        link = os.path.join(root, sub)
+        if not os.path.exists(link):
+            os.symlink(os.path.join(src, sub), link)
+    for role, (split, n) in QUICK_IMAGES.items():
+        with open(os.path.join(src, "ImageSets", "Main", split + ".txt")) as f:
+            ids = [line.strip() for line in f if line.strip()][:n]
+        with open(os.path.join(root, "ImageSets", "Main", f"quick_{role}.txt"), "w") as f:
+            f.write("\n".join(ids) + "\n")
+        register_voc_dataset(QUICK_SPLIT[role], root, f"quick_{role}", BCCD_CLASSES)
+    return dict(QUICK_SPLIT)
+
+
+def _results_name(args) -> str:
+    name = "bccd_accuracy" + ("_val" if args.eval_split == "val" else "") + ("_quick" if args.quick else "")
+    return name + (f"_{args.tag}" if args.tag else "")
+
+
+def plan_jobs(args, methods: "OrderedDict[str, str]", split: Dict[str, str], work_root: str, results: dict) -> List[Job]:
+    """The teacher job, the baseline and the methods for every seed, with what to do for each."""
+    quick = list(QUICK_INPUT_OPTS) if args.quick else []
+    user = list(args.opts or [])
+    base_distill = next(iter(methods.values()), None) or os.path.join(BCCD_CONFIG_DIR, "Base-distill-R50-R18.yaml")
+    distill_cfg = load_cfg(base_distill)
+    teacher_config = distill_cfg.DISTILL.TEACHER.CONFIG_FILE
+    jobs: List[Job] = []
+
+    # --- the teacher: trained once, or reused, or given; evaluated on the split
+    teacher_cfg = load_cfg(teacher_config)
+    teacher_seed = int(teacher_cfg.SEED)
+    if args.teacher_weights:
+        weights, teacher_dir, trainable = args.teacher_weights, os.path.join(work_root, "teacher_eval"), False
+    elif args.eval_split == "test" and not args.quick:
+        weights = distill_cfg.DISTILL.TEACHER.WEIGHTS  # the path the distill configs read
+        teacher_dir, trainable = os.path.dirname(weights), True
+    else:
+        teacher_dir = os.path.join(work_root, "teacher")
+        weights, trainable = os.path.join(teacher_dir, "model_final.pth"), True
+    t_opts = merge_opts(scale_schedule_opts(teacher_cfg, args.teacher_iters), quick, _dataset_opts(teacher_cfg, split),
+                        user, ["OUTPUT_DIR", teacher_dir])
+    t_iters = _final_iters(teacher_config, t_opts)
+    ours = os.path.abspath(teacher_dir).startswith(os.path.abspath(work_root) + os.sep)
+    teacher = Job("teacher", teacher_seed, "teacher", teacher_config, t_opts, teacher_dir, t_iters,
+                  extra={"weights": weights, "overwrite": ours})
+    if trainable and os.path.isfile(weights):
+        saved = _read_run_config(teacher_dir)
+        if saved:
+            teacher.iterations = int(saved["SOLVER"]["MAX_ITER"])
+            if args.teacher_iters and teacher.iterations != args.teacher_iters:
+                print(f"Note: reusing the teacher at {weights} ({teacher.iterations} iterations); --teacher-iters ignored.")
+        action, why = plan_action(teacher_dir, teacher.iterations, split["test"], None)
+        teacher.action, teacher.reason = ("harvest", why) if action == "harvest" else ("eval", f"reusing {weights}")
+    elif trainable:
+        action, why = plan_action(teacher_dir, t_iters, split["test"], None)
+        teacher.action, teacher.reason = action, why
+        if not ours:
+            _refuse_if_busy(teacher_dir, teacher, args.dry_run)
+    else:
+        teacher.action, teacher.reason = "eval", f"given weights {weights}"
+    if teacher.action == "eval":
+        teacher.kind = "teacher_eval"
+        teacher.output_dir = os.path.join(work_root, "teacher_eval")
+        teacher.opts = merge_opts(quick, _dataset_opts(teacher_cfg, split), user,
+                                  ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", teacher.output_dir])
+    existing = find_entry(results, "teacher", teacher_seed)
+    if existing and not args.force and existing.get("weights") == weights:
+        teacher.action, teacher.reason = "skip", "already in the results"
+    jobs.append(teacher)
+
+    # --- baseline and methods, per seed
+    student_iters_cfg = load_cfg(STUDENT_CONFIG)
+    runs = ([] if args.no_baseline else [("baseline", STUDENT_CONFIG, "baseline")]) + [
+        (m, path, "distill") for m, path in methods.items()
+    ]
+    for method, config, kind in runs:
+        cfg = load_cfg(config) if kind == "distill" else student_iters_cfg
+        for seed in args.seeds:
+            out = os.path.join(work_root, method, f"seed{seed}")
+            teacher_opts = []
+            if kind == "distill":
+                teacher_opts = ["DISTILL.TEACHER.WEIGHTS", weights]
+                if args.quick:  # the teacher's evaluation at the same small size
+                    teacher_opts += ["DISTILL.TEACHER.OPTS", repr([str(o) for o in QUICK_INPUT_OPTS])]
+            opts = merge_opts(scale_schedule_opts(cfg, args.student_iters), quick, _dataset_opts(cfg, split),
+                              ["SEED", str(seed)], teacher_opts, user, ["OUTPUT_DIR", out])
+            job = Job(method, seed, kind, config, opts, out, _final_iters(config, opts),
+                      extra={"num_gpus": args.num_gpus, "overwrite": True, "weights": weights if kind == "distill" else None})
+            existing = find_entry(results, method, seed)
+            if existing and not args.force:
+                if existing.get("iterations") != job.iterations:
+                    raise SystemExit(
+                        f"{os.path.basename(args._json)} already holds {method} seed {seed} trained for "
+                        f"{existing.get('iterations')} iterations, not {job.iterations}: one results file never mixes "
+                        "schedules. Pass --tag NAME to write a separate study, or --force to replace it."
+                    )
+                job.action, job.reason = "skip", "already in the results"
+            else:
+                job.action, job.reason = plan_action(out, job.iterations, split["test"], seed, args.force)
+            jobs.append(job)
+    for job in jobs:
+        job.extra.setdefault("num_gpus", args.num_gpus)
+        job.extra["threads"] = args.threads
+    return jobs
+
+
+def _dataset_opts(cfg, split: Dict[str, str]) -> List[str]:
+    """Overrides of DATASETS.TRAIN/TEST where the config's differ from the split's."""
+    opts = []
+    for key, name in (("TRAIN", split["train"]), ("TEST", split["test"])):
+        if tuple(cfg.DATASETS[key]) != (name,):
+            opts += [f"DATASETS.{key}", f'("{name}",)']
+    return opts
+
+
+def _refuse_if_busy(teacher_dir: str, job: Job, dry_run: bool):
+    """Never start a second training into a teacher folder another process is writing."""
+    metrics = os.path.join(teacher_dir, "metrics.json")
+    if os.path.isfile(metrics) and time.time() - os.path.getmtime(metrics) < TEACHER_BUSY_SECONDS:
+        message = (
+            f"The teacher in {teacher_dir} looks like it is training right now (metrics.json changed "
+            f"{int(time.time() - os.path.getmtime(metrics))} s ago) and has no model_final.pth yet. Wait for it "
+            "to finish, or pass --teacher-weights PATH."
+        )
+        if not dry_run:
+            raise SystemExit(message)
+        job.reason += "; WARNING: " + message
+
+
+def execute(job: Job, runner, results: dict, args, split: Dict[str, str]) -> Optional[dict]:
+    """Run one job and record its entry; returns the entry (None for skips)."""
+    if job.action == "skip":
+        return None
+    timer_file = os.path.join(job.output_dir, "bench_time.json")
+    previous = 0.0
+    if job.action == "resume":
+        previous = float((read_json(timer_file) or {}).get("seconds", 0.0))
+    if job.action == "train":
+        for stale in ("eval_results.json", "last_checkpoint"):
+            path = os.path.join(job.output_dir, stale)
+            if os.path.exists(path) and job.kind != "teacher":
+                os.remove(path)
+    start = time.time()
+    if job.action != "harvest":
+        os.makedirs(job.output_dir, exist_ok=True)
+        if job.kind == "teacher_eval" and os.path.isfile(os.path.join(job.output_dir, "eval_results.json")):
+            os.remove(os.path.join(job.output_dir, "eval_results.json"))
+        try:
+            runner.run(job, os.path.join(job.output_dir, "benchmark_stdout.log"))
+        finally:
+            if job.kind != "teacher_eval":
+                write_json(timer_file, {"seconds": previous + time.time() - start})
+    else:
+        previous = (read_json(timer_file) or {}).get("seconds")  # None: not trained by this script
+    seconds = time.time() - start
+    evaluated = read_eval_results(job.output_dir)
+    entry = {
+        "method": job.method,
+        "seed": job.seed,
+        "kind": "teacher" if job.kind == "teacher_eval" else job.kind,
+        "metrics": evaluated["bbox"],
+        "config": job.config,
+        "config_sha1": _sha1(os.path.join(REPO_ROOT, job.config)),
+        "opts": job.opts,
+        "command": job.command(),
+        "output_dir": job.output_dir,
+        "iterations": job.iterations,
+        "ims_per_batch": int(load_cfg(job.config, job.opts).SOLVER.IMS_PER_BATCH),
+        "train_dataset": split["train"],
+        "test_dataset": split["test"],
+        "action": job.action,
+        "wall_time_s": None if previous is None else round(previous + (seconds if job.action != "harvest" else 0.0), 1),
+        "in_process": bool(args.in_process),
+    }
+    if job.kind == "teacher_eval":
+        entry["wall_time_s"] = None  # the teacher was not trained here
+        entry["eval_time_s"] = round(seconds, 1)
+    if job.kind in ("teacher", "teacher_eval", "distill"):
+        entry["weights" if job.kind != "distill" else "teacher_weights"] = job.extra.get("weights")
+    if "teacher/bbox" in evaluated:
+        entry["teacher_metrics"] = evaluated["teacher/bbox"]
+    entry.update({k: v for k, v in provenance().items() if k in ("date", "git", "torch", "detectron2", "cpu", "cpu_count", "torch_threads")})
+    store_entry(results, entry)
+    return entry
+
+
+def _main(args, argv) -> int:
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1, 2]
+    if args.quick:
+        args.in_process = True
+        args.student_iters = args.student_iters or 2
+        args.teacher_iters = args.teacher_iters or 1
+    output_dir = args.output_dir or ("output/benchmarks/quick" if args.quick else "benchmarks/results")
+    name = _results_name(args)
+    args._json = json_path = os.path.join(output_dir, name + ".json")
+    md_path, png_path = os.path.join(output_dir, name + ".md"), os.path.join(output_dir, name + ".png")
+    results = read_json(json_path) or {}
+
+    if args.report_only:
+        write_text(md_path, render_markdown(results))
+        render_chart(results, png_path)
+        print(render_markdown(results))
+        print(f"Wrote {md_path} and {png_path}")
+        return 0
+
+    available = discover_methods()
+    if args.quick and not args.methods:
+        args.methods = ["fitnet"] if "fitnet" in available else list(available)[:1]
+    methods = OrderedDict((m, available[m]) for m in select_names(args.methods, list(available)))
+    split = dict(SPLITS[args.eval_split])
+    work_root = os.path.join(args.work_dir or (os.path.join(output_dir, "work") if args.quick else "output/benchmarks"), name)
+    if args.quick:
+        split = register_quick_datasets(os.path.join(work_root, "quick_data"))
+    elif args.in_process:
+        from d2kd import register_bccd
+
+        register_bccd()
+
+    results.setdefault("benchmark", "bccd_accuracy")
+    if results.get("test_dataset", split["test"]) != split["test"]:
+        raise SystemExit(f"{json_path} holds results on {results['test_dataset']}, not {split['test']}.")
+    results.update({"split": args.eval_split, "train_dataset": split["train"], "test_dataset": split["test"]})
+
+    jobs = plan_jobs(args, methods, split, work_root, results)
+    command = command_string(SCRIPT, argv)
+    print(f"Accuracy study '{name}': train {split['train']}, evaluate {split['test']}; methods {list(methods)}; "
+          f"seeds {args.seeds}; {'in-process' if args.in_process else 'subprocess'} runs under {work_root}")
+    for i, job in enumerate(jobs):
+        print(f"  {i + 1:>2}. {job.label:<24} {job.action:<8} ({job.reason}); {job.iterations} iters\n"
+              f"      {job.command() if job.action not in ('skip', 'harvest') else ''}".rstrip())
+    if args.dry_run:
+        return 0
+
+    invocation = {"command": command, **provenance()}
+    results.setdefault("invocations", []).append({k: invocation[k] for k in ("command", "date", "git")})
+    write_json(json_path, results)
+    runner = InProcessRunner() if args.in_process else SubprocessRunner()
+    progress = Progress([0 if j.action in ("skip", "harvest") else COST[j.kind] * j.iterations for j in jobs])
+    failures = []
+    for i, job in enumerate(jobs):
+        if job.action == "skip":
+            print(progress.line(i, f"{job.label}: skipped ({job.reason})"), flush=True)
+            continue
+        print(progress.line(i, f"{job.label}: {job.action} ({job.iterations} iters) -> {job.output_dir}"), flush=True)
+        start = time.time()
+        try:
+            entry = execute(job, runner, results, args, split)
+        except RunFailed as e:
+            failures.append(job.label)
+            print(f"    FAILED {job.label}: {e}", flush=True)
+            continue
+        progress.finished(i, time.time() - start)
+        write_json(json_path, results)
+        write_text(md_path, render_markdown(results))
+        m = entry["metrics"]
+        print(f"    {job.label} done in {fmt_duration(time.time() - start)}: "
+              + ", ".join(f"{k} {m.get(k) if m.get(k) is None else round(m[k], 2)}" for k in METRICS), flush=True)
+
+    write_json(json_path, results)
+    write_text(md_path, render_markdown(results))
+    render_chart(results, png_path)
+    print(render_markdown(results))
+    print(f"Wrote {json_path}, {md_path}, {png_path}")
+    if failures:
+        print(f"{len(failures)} run(s) failed: {failures}. Re-run the same command to retry them.")
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    for attr in ("output_dir", "work_dir", "teacher_weights"):  # relative to the caller's directory
+        if getattr(args, attr):
+            setattr(args, attr, os.path.abspath(getattr(args, attr)))
+    if args.quick and not args.threads:
+        args.threads = 1
+    with in_repo_root(), torch_threads(args.threads):
+        return _main(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
