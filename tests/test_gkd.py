@@ -413,11 +413,12 @@ def test_resume_restores_prototypes_without_recomputing(gkd_run):
     assert resumed.start_iter == 2
     head = resumed.heads["gkd"]
     for k, v in saved.items():
-        assert torch.equal(head.state_dict()[k], v), k
+        assert torch.equal(resumed.heads.state_dict()[k], v), k
     resumed.train()
     assert _hook(resumed).num_updates == 0, "prototypes were recomputed after resuming"
     for k, v in saved.items():
-        assert torch.equal(head.state_dict()[k], v), k
+        assert torch.equal(resumed.heads.state_dict()[k], v), k
+    assert int(head.prototype_iter) == 0
     assert math.isfinite(resumed.storage.history("loss_kd_gkd_global_p2").latest())
 
 

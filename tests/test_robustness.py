@@ -115,7 +115,8 @@ def test_check_finite_losses_names_the_terms():
 
 
 def test_nan_term_stops_training_and_keeps_last_good_checkpoint(tmp_path, teacher_r18_weights):
-    cfg = distill_cfg(FITNET, tmp_path, teacher_r18_weights, opts=["SOLVER.CHECKPOINT_PERIOD", 1], max_iter=3)
+    cfg = distill_cfg(FITNET, tmp_path, teacher_r18_weights, max_iter=3)
+    cfg.SOLVER.CHECKPOINT_PERIOD = 1
     trainer = DistillTrainer(cfg)
     trainer.resume_or_load(resume=False)
     head = trainer.heads["fitnet"]
@@ -185,8 +186,8 @@ class _Counter(HookBase):
 
 
 def test_resume_restores_optimizer_scheduler_iteration_and_head_state(tmp_path, teacher_r18_weights):
-    opts = ["SOLVER.STEPS", (1,), "SOLVER.GAMMA", 0.5]  # an LR decay inside the first run
-    cfg = distill_cfg(FITNET, tmp_path, teacher_r18_weights, opts=opts, max_iter=2)
+    cfg = distill_cfg(FITNET, tmp_path, teacher_r18_weights, max_iter=2)
+    cfg.SOLVER.STEPS, cfg.SOLVER.GAMMA = (1,), 0.5  # an LR decay inside the first run
     first = DistillTrainer(cfg)
     first.heads["fitnet"].register_buffer("robust_probe", torch.zeros(2))
     first.register_hooks([_Counter(first.heads["fitnet"])])
@@ -223,11 +224,9 @@ def test_resume_restores_optimizer_scheduler_iteration_and_head_state(tmp_path, 
 
 def test_teacher_is_evaluated_once_and_reported_beside_the_student(tmp_path, teacher_r18_weights, monkeypatch):
     register_subset_dataset("robust_bccd_test_2", "bccd_test", 2)
-    cfg = distill_cfg(
-        FITNET, tmp_path, teacher_r18_weights,
-        opts=["DISTILL.EVAL_TEACHER", True, "TEST.EVAL_PERIOD", 1], max_iter=2,
-    )
+    cfg = distill_cfg(FITNET, tmp_path, teacher_r18_weights, opts=["DISTILL.EVAL_TEACHER", True], max_iter=2)
     cfg.DATASETS.TEST = ("robust_bccd_test_2",)
+    cfg.TEST.EVAL_PERIOD = 1
     calls = []
     original = DistillTrainer.test_teacher.__func__
 

@@ -1,0 +1,214 @@
+"""
+Benchmark scripts (issue 7): their --quick modes run end to end, in-process, writing only
+under tmp_path; the study's bookkeeping (method discovery, statistics, resume decisions,
+schedule scaling) is pinned with hand-computed numbers.
+"""
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+from conftest import REPO
+
+from d2kd.benchmark import discover_methods, merge_opts, select_names
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"d2kd_tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    return _load_tool("benchmark_accuracy")
+
+
+@pytest.fixture
+def results_dir_untouched():
+    """The quick modes must never write into benchmarks/results."""
+    folder = os.path.join(REPO, "benchmarks", "results")
+
+    def snapshot():
+        return {n: os.path.getmtime(os.path.join(folder, n)) for n in os.listdir(folder)} if os.path.isdir(folder) else {}
+
+    before = snapshot()
+    yield
+    assert snapshot() == before, "a quick benchmark wrote into benchmarks/results"
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+
+
+def test_methods_are_discovered_from_config_files(tmp_path):
+    for name in ("distill_fitnet_R50_R18.yaml", "distill_fbkd_paper_R50_R18.yaml", "student_R18_FPN.yaml",
+                 "distill_kd_R50_R101.yaml"):
+        (tmp_path / name).write_text("_BASE_: x\n")
+    found = discover_methods(str(tmp_path))
+    assert list(found) == ["fbkd_paper", "fitnet"]
+    assert found["fitnet"] == os.path.join(str(tmp_path), "distill_fitnet_R50_R18.yaml")
+    # The repository's configs: whatever files exist now, at least the foundation's two.
+    repo = discover_methods()
+    assert {"fitnet", "kd"} <= set(repo)
+    assert all(os.path.isfile(os.path.join(REPO, p)) for p in repo.values())
+    assert select_names(["kd"], list(repo)) == ["kd"]
+    with pytest.raises(SystemExit, match=r"Unknown method.*\['nope'\].*fitnet"):
+        select_names(["nope"], list(repo))
+
+
+def test_merge_opts_keeps_the_last_value_of_a_key():
+    assert merge_opts(["A", "1", "B", 2], ["A", "3"], [], ["C", "x"]) == ["A", "3", "B", "2", "C", "x"]
+    with pytest.raises(ValueError, match="KEY VALUE"):
+        merge_opts(["A"])
+
+
+def test_summary_mean_std_gain_and_gap_closed_by_hand(accuracy, tmp_path):
+    def run(method, seed, ap, ap50, ap75):
+        return {"method": method, "seed": seed, "iterations": 600, "metrics": {"AP": ap, "AP50": ap50, "AP75": ap75}}
+
+    runs = [
+        run("teacher", 42, 50.0, 80.0, 60.0),
+        run("baseline", 0, 30.0, 60.0, 30.0),
+        run("baseline", 1, 34.0, 64.0, 36.0),
+        run("m", 0, 40.0, 70.0, 40.0),
+        run("m", 1, 42.0, 70.0, 44.0),
+        run("worse", 0, 20.0, None, 10.0),
+    ]
+    s = accuracy.summarize(runs)
+    assert list(s) == ["teacher", "baseline", "m", "worse"]
+    # baseline: mean 32, sample std sqrt(((30-32)^2 + (34-32)^2) / 1) = sqrt(8)
+    assert s["baseline"]["AP"] == pytest.approx(32.0) and s["baseline"]["AP_std"] == pytest.approx(math.sqrt(8))
+    # m: mean 41, std sqrt(2); gain 41 - 32 = 9; gap closed 9 / (50 - 32) = 0.5
+    m = s["m"]
+    assert (m["n"], m["AP"], m["AP_std"]) == (2, pytest.approx(41.0), pytest.approx(math.sqrt(2)))
+    assert m["AP_gain"] == pytest.approx(9.0) and m["AP_gap_closed"] == pytest.approx(0.5)
+    # AP75: m 42 vs baseline 33 vs teacher 60 -> gap closed 9 / 27
+    assert m["AP75_gap_closed"] == pytest.approx(1 / 3)
+    # one seed: no std; a metric that could not be computed stays None
+    assert s["worse"]["AP_std"] is None and s["worse"]["AP50"] is None and s["worse"]["AP_gap_closed"] == pytest.approx(-12 / 18)
+    assert s["teacher"]["AP_gain"] is None
+
+    results = {"split": "test", "train_dataset": "bccd_trainval", "test_dataset": "bccd_test", "runs": runs,
+               "invocations": [{"command": "python tools/benchmark_accuracy.py --seeds 0 1", "date": "d"}]}
+    md = accuracy.render_markdown(results)
+    row = next(line for line in md.splitlines() if line.startswith("| m |"))
+    assert row.split(" | ")[1:7] == ["2", "41.0 ± 1.4", "70.0 ± 0.0", "42.0 ± 2.8", "+9.0", "50%"]
+    assert "python tools/benchmark_accuracy.py --seeds 0 1" in md
+    png = accuracy.render_chart(results, str(tmp_path / "chart.png"))
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_schedule_override_scales_steps_and_distill_delays(accuracy):
+    from d2kd.benchmark import load_cfg
+
+    cfg = load_cfg(os.path.join(REPO, "configs/bccd/distill_fitnet_R50_R18.yaml"))
+    cfg.merge_from_list(["DISTILL.WARMUP_ITERS", 60, "DISTILL.STOP_ITER", 540])
+    # 600 iterations, steps (450, 550), warm-up 100, checkpoints every 200 -> 300 iterations
+    opts = accuracy.scale_schedule_opts(cfg, 300)
+    got = dict(zip(opts[0::2], opts[1::2]))
+    assert got == {
+        "SOLVER.MAX_ITER": "300", "SOLVER.STEPS": "(225, 275)", "SOLVER.WARMUP_ITERS": "50",
+        "SOLVER.CHECKPOINT_PERIOD": "100", "DISTILL.WARMUP_ITERS": "30", "DISTILL.STOP_ITER": "270",
+    }
+    assert accuracy.scale_schedule_opts(cfg, None) == [] and accuracy.scale_schedule_opts(cfg, 600) == []
+
+
+def test_run_folder_decides_harvest_resume_or_train(accuracy, tmp_path):
+    plan = lambda **kw: accuracy.plan_action(str(tmp_path), 10, "bccd_test", 0, **kw)[0]  # noqa: E731
+    assert plan() == "train"
+    (tmp_path / "config.yaml").write_text("SEED: 0\nSOLVER: {MAX_ITER: 10}\nDATASETS: {TEST: [bccd_test]}\n")
+    assert plan() == "train"
+    (tmp_path / "last_checkpoint").write_text("model_0000004.pth")
+    assert plan() == "resume"
+    (tmp_path / "model_final.pth").write_bytes(b"")
+    (tmp_path / "eval_results.json").write_text("{}")
+    os.utime(tmp_path / "model_final.pth", (1000, 1000))
+    assert plan() == "harvest"
+    assert plan(force=True) == "train"
+    # evaluation older than the weights: evaluate again by resuming (which only evaluates)
+    os.utime(tmp_path / "eval_results.json", (10, 10))
+    assert plan() == "resume"
+    # another schedule or seed in the folder: start over
+    assert accuracy.plan_action(str(tmp_path), 20, "bccd_test", 0)[0] == "train"
+    assert accuracy.plan_action(str(tmp_path), 10, "bccd_test", 1)[0] == "train"
+    assert accuracy.plan_action(str(tmp_path), 10, "bccd_val", 0)[0] == "train"
+
+
+def test_dry_run_plans_val_study_with_its_own_teacher(accuracy, tmp_path, capsys):
+    code = accuracy.main(["--dry-run", "--eval-split", "val", "--methods", "kd", "--seeds", "3",
+                          "--output-dir", str(tmp_path), "--work-dir", str(tmp_path / "w")])
+    assert code == 0
+    out = capsys.readouterr().out
+    teacher_dir = str(tmp_path / "w" / "bccd_accuracy_val" / "teacher")
+    assert f"configs/bccd/teacher_R50_FPN.yaml --overwrite DATASETS.TRAIN '(\"bccd_train\",)' DATASETS.TEST '(\"bccd_val\",)' OUTPUT_DIR {teacher_dir}" in out
+    assert f"SEED 3 DISTILL.TEACHER.WEIGHTS {teacher_dir}/model_final.pth" in out
+    assert "bccd_test" not in out and not (tmp_path / "w").exists()
+    assert not (tmp_path / "bccd_accuracy_val.json").exists()
+
+
+# ----------------------------------------------------------------------------- quick runs
+
+
+def test_accuracy_quick_runs_resumes_and_refuses_mixed_schedules(accuracy, tmp_path, results_dir_untouched):
+    assert accuracy.main(["--quick", "--output-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bccd_accuracy_quick.json").read_text())
+    runs = {(r["method"], r["seed"]): r for r in data["runs"]}
+    assert set(runs) == {("teacher", 42), ("baseline", 0), ("fitnet", 0)}
+    for r in runs.values():
+        assert set(r["metrics"]) >= {"AP", "AP50", "AP75"}
+        assert r["command"].startswith("python train_net.py --config-file configs/bccd/")
+        assert r["date"] and "commit" in r["git"] and r["wall_time_s"] > 0
+        assert r["test_dataset"] == "bccd_quick_test"
+    assert runs[("teacher", 42)]["iterations"] == 1 and runs[("fitnet", 0)]["iterations"] == 2
+    assert "teacher_metrics" in runs[("fitnet", 0)]  # DISTILL.EVAL_TEACHER of the distill configs
+    assert runs[("fitnet", 0)]["teacher_weights"] == runs[("teacher", 42)]["weights"]
+    md = (tmp_path / "bccd_accuracy_quick.md").read_text()
+    assert "| fitnet | 1 |" in md and "python tools/benchmark_accuracy.py --quick --output-dir" in md
+    assert (tmp_path / "bccd_accuracy_quick.png").stat().st_size > 0
+
+    # A second invocation finds every (method, seed) and trains nothing.
+    assert accuracy.main(["--quick", "--output-dir", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "bccd_accuracy_quick.json").read_text())
+    assert [r["date"] for r in again["runs"]] == [r["date"] for r in data["runs"]]
+    assert len(again["invocations"]) == 2
+    # Another schedule in the same results file is refused.
+    with pytest.raises(SystemExit, match="--tag"):
+        accuracy.main(["--quick", "--output-dir", str(tmp_path), "--student-iters", "3"])
+
+
+def test_overhead_quick(tmp_path, results_dir_untouched):
+    overhead = _load_tool("benchmark_overhead")
+    assert overhead.main(["--quick", "--output-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "overhead_quick.json").read_text())
+    (row,) = data["methods"]
+    assert row["method"] == "fitnet" and row["teacher_parts"] == ["backbone"] and not row["uses_roi_head"]
+    t = {k: v["median"] for k, v in row["time_ms"].items()}
+    assert all(v > 0 for v in t.values()) and row["time_ms"]["distill"]["n"] == 2
+    assert row["ratio"] == pytest.approx(t["distill"] / (t["student"] + t["teacher"]))
+    assert row["ratio_target"] == 1.10 and "random" in data["setup"]["teacher_weights"]
+    mem = row.get("memory_mb")
+    if mem is not None:  # Linux: peak RSS per phase
+        # kept tensors: the distillation step holds the student, the teacher and the adapters
+        assert mem["distill"]["state"] > mem["student"]["state"] + 0.99 * mem["teacher"]["state"]
+        assert row["memory_ratio"] == pytest.approx(mem["distill"]["total"] / (mem["student"]["total"] + mem["teacher"]["total"]))
+    assert "t_distill / (t_student + t_teacher)" in (tmp_path / "overhead_quick.md").read_text()
+
+
+def test_speed_quick(tmp_path, results_dir_untouched):
+    speed = _load_tool("benchmark_speed")
+    assert speed.main(["--quick", "--output-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "speed_quick.json").read_text())
+    teacher, student = data["models"]["teacher"], data["models"]["student"]
+    assert (teacher["depth"], student["depth"]) == (50, 18)
+    assert teacher["params"]["total"] > student["params"]["total"] > 0
+    assert teacher["gflops"]["backbone"] > student["gflops"]["backbone"] > 0
+    assert student["time_ms"]["n"] == 2 and student["time_ms"]["median"] > 0
+    ratio = data["student_vs_teacher"]
+    assert ratio["speedup"] == pytest.approx(teacher["time_ms"]["median"] / student["time_ms"]["median"])
+    assert ratio["params_ratio"] == pytest.approx(student["params"]["total"] / teacher["params"]["total"])
+    assert "student / teacher" in (tmp_path / "speed_quick.md").read_text()
