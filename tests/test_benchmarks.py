@@ -34,7 +34,9 @@ def results_dir_untouched():
     folder = os.path.join(REPO, "benchmarks", "results")
 
     def snapshot():
-        return {n: os.path.getmtime(os.path.join(folder, n)) for n in os.listdir(folder)} if os.path.isdir(folder) else {}
+        return (
+            {n: os.path.getmtime(os.path.join(folder, n)) for n in os.listdir(folder)} if os.path.isdir(folder) else {}
+        )
 
     before = snapshot()
     yield
@@ -45,8 +47,12 @@ def results_dir_untouched():
 
 
 def test_methods_are_discovered_from_config_files(tmp_path):
-    for name in ("distill_fitnet_R50_R18.yaml", "distill_fbkd_paper_R50_R18.yaml", "student_R18_FPN.yaml",
-                 "distill_kd_R50_R101.yaml"):
+    for name in (
+        "distill_fitnet_R50_R18.yaml",
+        "distill_fbkd_paper_R50_R18.yaml",
+        "student_R18_FPN.yaml",
+        "distill_kd_R50_R101.yaml",
+    ):
         (tmp_path / name).write_text("_BASE_: x\n")
     found = discover_methods(str(tmp_path))
     assert list(found) == ["fbkd_paper", "fitnet"]
@@ -89,11 +95,20 @@ def test_summary_mean_std_gain_and_gap_closed_by_hand(accuracy, tmp_path):
     # AP75: m 42 vs baseline 33 vs teacher 60 -> gap closed 9 / 27
     assert m["AP75_gap_closed"] == pytest.approx(1 / 3)
     # one seed: no std; a metric that could not be computed stays None
-    assert s["worse"]["AP_std"] is None and s["worse"]["AP50"] is None and s["worse"]["AP_gap_closed"] == pytest.approx(-12 / 18)
+    assert (
+        s["worse"]["AP_std"] is None
+        and s["worse"]["AP50"] is None
+        and s["worse"]["AP_gap_closed"] == pytest.approx(-12 / 18)
+    )
     assert s["teacher"]["AP_gain"] is None
 
-    results = {"split": "test", "train_dataset": "bccd_trainval", "test_dataset": "bccd_test", "runs": runs,
-               "invocations": [{"command": "python tools/benchmark_accuracy.py --seeds 0 1", "date": "d"}]}
+    results = {
+        "split": "test",
+        "train_dataset": "bccd_trainval",
+        "test_dataset": "bccd_test",
+        "runs": runs,
+        "invocations": [{"command": "python tools/benchmark_accuracy.py --seeds 0 1", "date": "d"}],
+    }
     md = accuracy.render_markdown(results)
     row = next(line for line in md.splitlines() if line.startswith("| m |"))
     assert row.split(" | ")[1:7] == ["2", "41.0 ± 1.4", "70.0 ± 0.0", "42.0 ± 2.8", "+9.0", "50%"]
@@ -112,8 +127,12 @@ def test_schedule_override_scales_steps_and_distill_delays(accuracy):
     opts = accuracy.scale_schedule_opts(cfg, 300)
     got = dict(zip(opts[0::2], opts[1::2]))
     assert got == {
-        "SOLVER.MAX_ITER": "300", "SOLVER.STEPS": "(225, 275)", "SOLVER.WARMUP_ITERS": "50",
-        "SOLVER.CHECKPOINT_PERIOD": "100", "DISTILL.WARMUP_ITERS": "30", "DISTILL.STOP_ITER": "270",
+        "SOLVER.MAX_ITER": "300",
+        "SOLVER.STEPS": "(225, 275)",
+        "SOLVER.WARMUP_ITERS": "50",
+        "SOLVER.CHECKPOINT_PERIOD": "100",
+        "DISTILL.WARMUP_ITERS": "30",
+        "DISTILL.STOP_ITER": "270",
     }
     assert accuracy.scale_schedule_opts(cfg, None) == [] and accuracy.scale_schedule_opts(cfg, 600) == []
 
@@ -140,12 +159,28 @@ def test_run_folder_decides_harvest_resume_or_train(accuracy, tmp_path):
 
 
 def test_dry_run_plans_val_study_with_its_own_teacher(accuracy, tmp_path, capsys):
-    code = accuracy.main(["--dry-run", "--eval-split", "val", "--methods", "kd", "--seeds", "3",
-                          "--output-dir", str(tmp_path), "--work-dir", str(tmp_path / "w")])
+    code = accuracy.main(
+        [
+            "--dry-run",
+            "--eval-split",
+            "val",
+            "--methods",
+            "kd",
+            "--seeds",
+            "3",
+            "--output-dir",
+            str(tmp_path),
+            "--work-dir",
+            str(tmp_path / "w"),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     teacher_dir = str(tmp_path / "w" / "bccd_accuracy_val" / "teacher")
-    assert f"configs/bccd/teacher_R50_FPN.yaml --overwrite DATASETS.TRAIN '(\"bccd_train\",)' DATASETS.TEST '(\"bccd_val\",)' OUTPUT_DIR {teacher_dir}" in out
+    assert (
+        f"configs/bccd/teacher_R50_FPN.yaml --overwrite DATASETS.TRAIN '(\"bccd_train\",)' DATASETS.TEST '(\"bccd_val\",)' OUTPUT_DIR {teacher_dir}"
+        in out
+    )
     assert f"SEED 3 DISTILL.TEACHER.WEIGHTS {teacher_dir}/model_final.pth" in out
     assert "bccd_test" not in out and not (tmp_path / "w").exists()
     assert not (tmp_path / "bccd_accuracy_val.json").exists()
@@ -195,7 +230,9 @@ def test_overhead_quick(tmp_path, results_dir_untouched):
     if mem is not None:  # Linux: peak RSS per phase
         # kept tensors: the distillation step holds the student, the teacher and the adapters
         assert mem["distill"]["state"] > mem["student"]["state"] + 0.99 * mem["teacher"]["state"]
-        assert row["memory_ratio"] == pytest.approx(mem["distill"]["total"] / (mem["student"]["total"] + mem["teacher"]["total"]))
+        assert row["memory_ratio"] == pytest.approx(
+            mem["distill"]["total"] / (mem["student"]["total"] + mem["teacher"]["total"])
+        )
     assert "t_distill / (t_student + t_teacher)" in (tmp_path / "overhead_quick.md").read_text()
 
 

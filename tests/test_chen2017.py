@@ -278,10 +278,13 @@ def test_rpn_terms_golden_on_sampled_anchors(models):
     matched[0, 3] = [6, -1, 38, 17]
     gt_instances = [None, None]
     student = Records({
-        "proposal_generator.rpn_head": [((), ([torch.tensor(obj_s, requires_grad=True)], [torch.tensor(del_s, requires_grad=True)]))],
-        "proposal_generator.label_and_sample_anchors": [
-            (([Boxes(torch.tensor(anchors))], gt_instances), ([torch.tensor(lab) for lab in labels], [torch.tensor(mb) for mb in matched]))
+        "proposal_generator.rpn_head": [
+            ((), ([torch.tensor(obj_s, requires_grad=True)], [torch.tensor(del_s, requires_grad=True)]))
         ],
+        "proposal_generator.label_and_sample_anchors": [(
+            ([Boxes(torch.tensor(anchors))], gt_instances),
+            ([torch.tensor(lab) for lab in labels], [torch.tensor(mb) for mb in matched]),
+        )],
     })
     teacher = Records({"proposal_generator.rpn_head": [((), ([torch.tensor(obj_t)], [torch.tensor(del_t)]))]})
     terms = head.double()(student, teacher, None)
@@ -344,7 +347,8 @@ def test_bad_config_fails_at_build(models, opts, message):
 
 
 def test_teacher_with_other_anchors_fails_at_build(models, tmp_path):
-    cfg = load_test_cfg("bccd/student_R18_FPN.yaml", tmp_path, ["MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128], [256], [512]]])
+    other_anchors = ["MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128], [256], [512]]]
+    cfg = load_test_cfg("bccd/student_R18_FPN.yaml", tmp_path, other_anchors)
     with pytest.raises(DistillConfigError, match="anchors differ.*MODEL.ANCHOR_GENERATOR"):
         _head(models, teacher=build_model(cfg))
     # Without the RPN stage the same teacher is fine.
@@ -353,7 +357,8 @@ def test_teacher_with_other_anchors_fails_at_build(models, tmp_path):
 
 # ---------------------------------------------------------------------------- end to end
 PRESETS = {
-    FULL: ["rpn_cls", "rpn_cls_hard", "rpn_reg", "rcn_cls", "rcn_cls_hard", "rcn_reg", "hint_p2", "hint_p3", "hint_p4", "hint_p5"],
+    FULL: ["rpn_cls", "rpn_cls_hard", "rpn_reg", "rcn_cls", "rcn_cls_hard", "rcn_reg",
+           "hint_p2", "hint_p3", "hint_p4", "hint_p5"],
     "bccd/ablation/chen2017_CLS.yaml": ["rpn_cls", "rpn_cls_hard", "rcn_cls", "rcn_cls_hard"],
     "bccd/ablation/chen2017_CLS-W.yaml": ["rpn_cls", "rpn_cls_hard", "rcn_cls", "rcn_cls_hard"],
     "bccd/ablation/chen2017_L2.yaml": ["rpn_reg", "rcn_reg"],
@@ -388,7 +393,9 @@ def test_images_without_gt_and_hard_term_matches_the_detector(tmp_path, teacher_
         for empty in ([0], [0, 1]):
             for i in empty:
                 size = batch[i]["instances"].image_size
-                batch[i]["instances"] = Instances(size, gt_boxes=Boxes(torch.zeros(0, 4)), gt_classes=torch.zeros(0, dtype=torch.long))
+                batch[i]["instances"] = Instances(
+                    size, gt_boxes=Boxes(torch.zeros(0, 4)), gt_classes=torch.zeros(0, dtype=torch.long)
+                )
             losses = model(batch)
             assert all(torch.isfinite(v) for v in losses.values()), losses
             # The head's recomputed hard CE is the detector's own: the total hard weight is mu.
@@ -397,3 +404,12 @@ def test_images_without_gt_and_hard_term_matches_the_detector(tmp_path, teacher_
             sum(losses.values()).backward()
     # With no GT anywhere there is no positive sample: the regression terms are exactly zero.
     assert losses["loss_kd_chen2017_rpn_reg"].item() == 0.0 and losses["loss_kd_chen2017_rcn_reg"].item() == 0.0
+
+
+def test_teacher_with_other_delta_weights_fails_at_build_only_for_reg(models, tmp_path):
+    other_weights = ["MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS", (20.0, 20.0, 10.0, 10.0)]
+    cfg = load_test_cfg("bccd/student_R18_FPN.yaml", tmp_path, other_weights)
+    teacher = build_model(cfg)
+    with pytest.raises(DistillConfigError, match="RoI box deltas.*MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS"):
+        _head(models, teacher=teacher)
+    _head(models, ["DISTILL.CHEN2017.REG.ENABLED", False], teacher=teacher)

@@ -488,3 +488,92 @@ def test_bad_config_is_a_build_error(gkd_run, teacher_r18_weights, tmp_path, opt
     cfg = distill_cfg("bccd/distill_gkd_R50_R18.yaml", tmp_path, teacher_r18_weights, opts=opts)
     with pytest.raises(DistillConfigError, match=message):
         GKD(cfg, BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher.d2kd_cfg))
+
+
+def test_prototype_update_schedule():
+    """Updates before training and every PERIOD iterations; none after a resume restored them."""
+    from types import SimpleNamespace
+
+    def make_hook(period, proto_iter):
+        hook = PrototypeHook.__new__(PrototypeHook)  # the schedule only: no models, no data
+        hook.period = period
+        hook.head = SimpleNamespace(prototype_iter=torch.tensor(proto_iter))
+        hook.head.prototypes_ready = lambda: int(hook.head.prototype_iter) >= 0
+        hook.calls = []
+        hook.update = lambda it, reason: (hook.calls.append(it), hook.head.prototype_iter.fill_(it))
+        return hook
+
+    def run(hook, start, stop):
+        hook.trainer = SimpleNamespace(iter=start)
+        hook.before_train()
+        for it in range(start, stop):
+            hook.trainer.iter = it
+            hook.before_step()
+        return hook.calls
+
+    assert run(make_hook(3, -1), 0, 8) == [0, 3, 6]
+    # Resumed at 7 with prototypes from iteration 6: nothing before the first step.
+    assert run(make_hook(3, 6), 7, 10) == [9]
+    # Resumed exactly at a scheduled iteration: the straight run updates there too.
+    assert run(make_hook(3, 6), 9, 10) == [9]
+
+
+def test_head_terms_on_hand_made_records(gkd_run):
+    """The head's wiring (levels, windows, robust weights, mask, KL) against numpy."""
+    from detectron2.structures import Boxes, Instances
+
+    from d2kd.capture import Records
+    from d2kd.heads import StepInputs
+
+    cfg, trainer, _ = gkd_run
+    head = GKD(cfg, BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher.d2kd_cfg))
+    g = torch.Generator().manual_seed(0)
+    c, k = 128, 10
+    for level in range(5):
+        for cls in range(3):
+            head.set_prototypes(level, cls, torch.randn(k, c, generator=g), torch.randn(k, c, generator=g))
+    head.prototype_iter.fill_(0)
+    sizes = {"p2": 16, "p3": 8, "p4": 4, "p5": 2, "p6": 1}
+    fs = {n: torch.randn(1, c, s, s, generator=g) for n, s in sizes.items()}
+    ft = {n: torch.randn(1, c, s, s, generator=g) for n, s in sizes.items()}
+    proposals = Instances((64, 64))
+    proposals.proposal_boxes = Boxes(torch.tensor([[4.0, 4.0, 24.0, 24.0], [30.0, 30.0, 60.0, 60.0]]))
+    proposals.gt_classes = torch.tensor([1, 3])  # one positive of class 1, one background (K = 3)
+    zs, zt = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g)
+    rs, rt = torch.randn(2, c, 7, 7, generator=g), torch.randn(2, c, 7, 7, generator=g)
+    student = Records({
+        "backbone": [((), fs)], "roi_heads.label_and_sample_proposals": [((), [proposals])],
+        "roi_heads.box_predictor": [((), (zs, None))], "roi_heads.box_pooler": [((), rs)],
+    })
+    teacher = Records({"backbone": [((), ft)], "roi_heads.box_predictor": [((), (zt, None))], "roi_heads.box_pooler": [((), rt)]})
+    terms = head(student, teacher, StepInputs([], [], None, None, iteration=0))
+
+    # The 20x20 box: level p2 (sqrt(area) < 112); windows [floor(x1/s), floor(x2/s)+1) clipped.
+    windows = {"p2": (1, 7), "p3": (0, 4), "p4": (0, 2), "p5": (0, 1), "p6": (0, 1)}
+
+    def w_of(f_s, f_t, name, cls=1):
+        p_s, p_t, _ = (x.numpy() for x in head.prototypes(name))
+        return 1 - abs((_np_unit(p_s[cls]) @ _np_unit(f_s)).max() - (_np_unit(p_t[cls]) @ _np_unit(f_t)).max())
+
+    for name, (a, b) in windows.items():
+        f_s = fs[name][0, :, a:b, a:b].numpy().mean((1, 2))
+        f_t = ft[name][0, :, a:b, a:b].numpy().mean((1, 2))
+        w = w_of(f_s, f_t, name)
+        p_s, p_t, _ = (x.numpy().reshape(-1, c) for x in head.prototypes(name))
+        diff = w * (_np_unit(p_s) @ _np_unit(f_s)) - w * (_np_unit(p_t) @ _np_unit(f_t))
+        assert float(terms[f"global_{name}"]) == pytest.approx(1.0 * _np_smooth_l1(diff).mean(), rel=1e-5), name
+        if name == "p2":
+            adapted = head.pairing.adapters["p2"](fs["p2"]).detach().numpy()[0]
+            mask = np.zeros((16, 16))
+            mask[a:b, a:b] = w
+            fg = (((adapted - ft["p2"][0].numpy()) ** 2) * mask[None]).sum() / max(1.0, 2 * c * mask.sum())
+            assert float(terms["feat_p2"]) == pytest.approx(1.0 * fg / 5, rel=1e-5)
+        else:  # no instance assigned to this level and no background term
+            assert float(terms[f"feat_{name}"]) == 0.0
+
+    # Response: the positive RoI only, weighted by Eq. 8 on the RoIAlign features at p2.
+    w_r = w_of(rs[0].numpy().mean((1, 2)), rt[0].numpy().mean((1, 2)), "p2")
+    log_q = torch.log_softmax(zt[0] / 2, 0).numpy()
+    log_p = torch.log_softmax(zs[0] / 2, 0).numpy()
+    kl = (np.exp(log_q) * (log_q - log_p)).sum()
+    assert float(terms["resp"]) == pytest.approx(5.0 * w_r * 4 * kl, rel=1e-5)

@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -133,29 +132,49 @@ class Job:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", help="methods to run (default: every configs/bccd/distill_<method>_R50_R18.yaml)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--methods", nargs="+", help="methods to run (default: every configs/bccd/distill_<method>_R50_R18.yaml)"
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="SEED values (default: 0 1 2; --quick: 0)")
     p.add_argument("--no-baseline", action="store_true", help="do not run the student baseline")
-    p.add_argument("--eval-split", choices=sorted(SPLITS), default="test",
-                   help="test: train bccd_trainval, evaluate bccd_test (report). val: train bccd_train, "
-                        "evaluate bccd_val (tuning; its own teacher)")
+    p.add_argument(
+        "--eval-split",
+        choices=sorted(SPLITS),
+        default="test",
+        help="test: train bccd_trainval, evaluate bccd_test (report). val: train bccd_train, "
+        "evaluate bccd_val (tuning; its own teacher)",
+    )
     p.add_argument("--student-iters", type=int, help="override SOLVER.MAX_ITER of student runs (schedule scaled)")
     p.add_argument("--teacher-iters", type=int, help="override SOLVER.MAX_ITER of the teacher (if it is trained here)")
-    p.add_argument("--teacher-weights", help="use these teacher weights (not trained here); it is evaluated on the split")
+    p.add_argument(
+        "--teacher-weights", help="use these teacher weights (not trained here); it is evaluated on the split"
+    )
     p.add_argument("--force", action="store_true", help="re-run (method, seed) pairs already in the results")
     p.add_argument("--tag", default="", help="suffix of the results name (a second schedule, an ablation)")
-    p.add_argument("--output-dir", help="where the JSON/Markdown/PNG go (default benchmarks/results; "
-                                        "--quick: output/benchmarks/quick)")
+    p.add_argument(
+        "--output-dir",
+        help="where the JSON/Markdown/PNG go (default benchmarks/results; " "--quick: output/benchmarks/quick)",
+    )
     p.add_argument("--work-dir", help="where runs train (default output/benchmarks; --quick: <output-dir>/work)")
-    p.add_argument("--in-process", action="store_true", help="call train_net.main in this process (default: a subprocess per run)")
+    p.add_argument(
+        "--in-process", action="store_true", help="call train_net.main in this process (default: a subprocess per run)"
+    )
     p.add_argument("--num-gpus", type=int, default=1, help="passed to train_net.py")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; --quick: 1); "
-                                                "subprocess runs get OMP_NUM_THREADS")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's; --quick: 1); " "subprocess runs get OMP_NUM_THREADS",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and commands, run nothing")
     p.add_argument("--report-only", action="store_true", help="only rewrite the Markdown table and chart from the JSON")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: 1 method, 1 seed, 2 iterations, 128 px, a few images, in-process")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 1 method, 1 seed, 2 iterations, 128 px, a few images, in-process",
+    )
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides appended to every run")
     return p
 
@@ -172,10 +191,14 @@ def scale_schedule_opts(cfg, iters: Optional[int]) -> List[str]:
     ratio = iters / cfg.SOLVER.MAX_ITER
     steps = tuple(s for s in (int(round(s * ratio)) for s in cfg.SOLVER.STEPS) if 0 < s < iters)
     opts = [
-        "SOLVER.MAX_ITER", str(iters),
-        "SOLVER.STEPS", repr(steps),
-        "SOLVER.WARMUP_ITERS", str(min(cfg.SOLVER.WARMUP_ITERS, max(1, int(round(cfg.SOLVER.WARMUP_ITERS * ratio))))),
-        "SOLVER.CHECKPOINT_PERIOD", str(max(1, int(round(cfg.SOLVER.CHECKPOINT_PERIOD * ratio)))),
+        "SOLVER.MAX_ITER",
+        str(iters),
+        "SOLVER.STEPS",
+        repr(steps),
+        "SOLVER.WARMUP_ITERS",
+        str(min(cfg.SOLVER.WARMUP_ITERS, max(1, int(round(cfg.SOLVER.WARMUP_ITERS * ratio))))),
+        "SOLVER.CHECKPOINT_PERIOD",
+        str(max(1, int(round(cfg.SOLVER.CHECKPOINT_PERIOD * ratio)))),
     ]
     if "DISTILL" in cfg and cfg.DISTILL.HEADS:
         if cfg.DISTILL.WARMUP_ITERS > 0:
@@ -227,7 +250,12 @@ def plan_action(output_dir: str, iterations: int, test_dataset: str, seed: Optio
     results = os.path.join(output_dir, "eval_results.json")
     saved = _read_run_config(output_dir)
     same = _same_run(saved, iterations, test_dataset, seed)
-    if os.path.isfile(final) and os.path.isfile(results) and same and os.path.getmtime(results) >= os.path.getmtime(final):
+    if (
+        os.path.isfile(final)
+        and os.path.isfile(results)
+        and same
+        and os.path.getmtime(results) >= os.path.getmtime(final)
+    ):
         return "harvest", "finished run found (model_final.pth + eval_results.json)"
     if os.path.isfile(os.path.join(output_dir, "last_checkpoint")) and same:
         return "resume", "interrupted run found (last_checkpoint)"
@@ -394,8 +422,12 @@ def summarize(runs: List[dict], metrics=METRICS) -> "OrderedDict[str, dict]":
         by_method.setdefault(entry["method"], []).append(entry)
     rows = OrderedDict()
     for method, entries in by_method.items():
-        row = {"method": method, "n": len(entries), "seeds": sorted(e["seed"] for e in entries),
-               "iterations": sorted({e.get("iterations") for e in entries}, key=str)}
+        row = {
+            "method": method,
+            "n": len(entries),
+            "seeds": sorted(e["seed"] for e in entries),
+            "iterations": sorted({e.get("iterations") for e in entries}, key=str),
+        }
         for m in metrics:
             row[m], row[m + "_std"] = _mean_std([e["metrics"].get(m) for e in entries])
         rows[method] = row
@@ -428,14 +460,18 @@ def render_markdown(results: dict) -> str:
     summary = summarize(results.get("runs", []))
     rows = []
     for method, r in summary.items():
-        rows.append([
-            f"**{method}**" if method in ("teacher", "baseline") else method,
-            r["n"],
-            _fmt(r["AP"], r["AP_std"]), _fmt(r["AP50"], r["AP50_std"]), _fmt(r["AP75"], r["AP75_std"]),
-            _fmt(r["AP_gain"], signed=True),
-            "–" if r["AP_gap_closed"] is None else f"{100 * r['AP_gap_closed']:.0f}%",
-            "/".join(str(i) for i in r["iterations"]),
-        ])
+        rows.append(
+            [
+                f"**{method}**" if method in ("teacher", "baseline") else method,
+                r["n"],
+                _fmt(r["AP"], r["AP_std"]),
+                _fmt(r["AP50"], r["AP50_std"]),
+                _fmt(r["AP75"], r["AP75_std"]),
+                _fmt(r["AP_gain"], signed=True),
+                "–" if r["AP_gap_closed"] is None else f"{100 * r['AP_gap_closed']:.0f}%",
+                "/".join(str(i) for i in r["iterations"]),
+            ]
+        )
     runs = results.get("runs", [])
     dates = sorted(e["date"] for e in runs if e.get("date"))
     commits = sorted({(e.get("git") or {}).get("commit") or "?" for e in runs})
@@ -449,7 +485,8 @@ def render_markdown(results: dict) -> str:
         "",
         markdown_table(
             ["Method", "n", "AP", "AP50", "AP75", "ΔAP vs baseline", "gap closed", "iters"],
-            rows, align="lrrrrrrr",
+            rows,
+            align="lrrrrrrr",
         ),
         f"Runs: {len(runs)}; dates {dates[0] if dates else '?'} .. {dates[-1] if dates else '?'}; "
         f"commit(s) {', '.join(c[:12] for c in commits)}{' (working tree had local changes)' if dirty else ''}.",
@@ -486,7 +523,7 @@ def render_chart(results: dict, path: str):
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([f"{n}\n(n={summary[n]['n']})" for n in names], fontsize=8)
     ax.set_ylabel("box AP (%)")
-    ax.set_title(f"BCCD R50→R18 distillation, {results.get('test_dataset')} (mean ± std over seeds)")
+    ax.set_title(f"BCCD R50→R18, {results.get('test_dataset')}: mean ± std over seeds", fontsize=10)
     ax.legend(fontsize=8, ncol=4)
     fig.tight_layout()
     tmp = path + ".tmp.png"
@@ -531,7 +568,9 @@ def _results_name(args) -> str:
     return name + (f"_{args.tag}" if args.tag else "")
 
 
-def plan_jobs(args, methods: "OrderedDict[str, str]", split: Dict[str, str], work_root: str, results: dict) -> List[Job]:
+def plan_jobs(
+    args, methods: "OrderedDict[str, str]", split: Dict[str, str], work_root: str, results: dict
+) -> List[Job]:
     """The teacher job, the baseline and the methods for every seed, with what to do for each."""
     quick = list(QUICK_INPUT_OPTS) if args.quick else []
     user = list(args.opts or [])
@@ -551,18 +590,33 @@ def plan_jobs(args, methods: "OrderedDict[str, str]", split: Dict[str, str], wor
     else:
         teacher_dir = os.path.join(work_root, "teacher")
         weights, trainable = os.path.join(teacher_dir, "model_final.pth"), True
-    t_opts = merge_opts(scale_schedule_opts(teacher_cfg, args.teacher_iters), quick, _dataset_opts(teacher_cfg, split),
-                        user, ["OUTPUT_DIR", teacher_dir])
+    t_opts = merge_opts(
+        scale_schedule_opts(teacher_cfg, args.teacher_iters),
+        quick,
+        _dataset_opts(teacher_cfg, split),
+        user,
+        ["OUTPUT_DIR", teacher_dir],
+    )
     t_iters = _final_iters(teacher_config, t_opts)
     ours = os.path.abspath(teacher_dir).startswith(os.path.abspath(work_root) + os.sep)
-    teacher = Job("teacher", teacher_seed, "teacher", teacher_config, t_opts, teacher_dir, t_iters,
-                  extra={"weights": weights, "overwrite": ours})
+    teacher = Job(
+        "teacher",
+        teacher_seed,
+        "teacher",
+        teacher_config,
+        t_opts,
+        teacher_dir,
+        t_iters,
+        extra={"weights": weights, "overwrite": ours},
+    )
     if trainable and os.path.isfile(weights):
         saved = _read_run_config(teacher_dir)
         if saved:
             teacher.iterations = int(saved["SOLVER"]["MAX_ITER"])
             if args.teacher_iters and teacher.iterations != args.teacher_iters:
-                print(f"Note: reusing the teacher at {weights} ({teacher.iterations} iterations); --teacher-iters ignored.")
+                print(
+                    f"Note: reusing the teacher at {weights} ({teacher.iterations} iterations); --teacher-iters ignored."
+                )
         action, why = plan_action(teacher_dir, teacher.iterations, split["test"], None)
         teacher.action, teacher.reason = ("harvest", why) if action == "harvest" else ("eval", f"reusing {weights}")
     elif trainable:
@@ -575,8 +629,9 @@ def plan_jobs(args, methods: "OrderedDict[str, str]", split: Dict[str, str], wor
     if teacher.action == "eval":
         teacher.kind = "teacher_eval"
         teacher.output_dir = os.path.join(work_root, "teacher_eval")
-        teacher.opts = merge_opts(quick, _dataset_opts(teacher_cfg, split), user,
-                                  ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", teacher.output_dir])
+        teacher.opts = merge_opts(
+            quick, _dataset_opts(teacher_cfg, split), user, ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", teacher.output_dir]
+        )
     existing = find_entry(results, "teacher", teacher_seed)
     if existing and not args.force and existing.get("weights") == weights:
         teacher.action, teacher.reason = "skip", "already in the results"
@@ -596,10 +651,25 @@ def plan_jobs(args, methods: "OrderedDict[str, str]", split: Dict[str, str], wor
                 teacher_opts = ["DISTILL.TEACHER.WEIGHTS", weights]
                 if args.quick:  # the teacher's evaluation at the same small size
                     teacher_opts += ["DISTILL.TEACHER.OPTS", repr([str(o) for o in QUICK_INPUT_OPTS])]
-            opts = merge_opts(scale_schedule_opts(cfg, args.student_iters), quick, _dataset_opts(cfg, split),
-                              ["SEED", str(seed)], teacher_opts, user, ["OUTPUT_DIR", out])
-            job = Job(method, seed, kind, config, opts, out, _final_iters(config, opts),
-                      extra={"num_gpus": args.num_gpus, "overwrite": True, "weights": weights if kind == "distill" else None})
+            opts = merge_opts(
+                scale_schedule_opts(cfg, args.student_iters),
+                quick,
+                _dataset_opts(cfg, split),
+                ["SEED", str(seed)],
+                teacher_opts,
+                user,
+                ["OUTPUT_DIR", out],
+            )
+            job = Job(
+                method,
+                seed,
+                kind,
+                config,
+                opts,
+                out,
+                _final_iters(config, opts),
+                extra={"num_gpus": args.num_gpus, "overwrite": True, "weights": weights if kind == "distill" else None},
+            )
             existing = find_entry(results, method, seed)
             if existing and not args.force:
                 if existing.get("iterations") != job.iterations:
@@ -641,7 +711,7 @@ def _refuse_if_busy(teacher_dir: str, job: Job, dry_run: bool):
         job.reason += "; WARNING: " + message
 
 
-def execute(job: Job, runner, results: dict, args, split: Dict[str, str]) -> Optional[dict]:
+def execute(job: Job, runner, results: dict, args, split: Dict[str, str], invocation: str = "") -> Optional[dict]:
     """Run one job and record its entry; returns the entry (None for skips)."""
     if job.action == "skip":
         return None
@@ -685,6 +755,7 @@ def execute(job: Job, runner, results: dict, args, split: Dict[str, str]) -> Opt
         "action": job.action,
         "wall_time_s": None if previous is None else round(previous + (seconds if job.action != "harvest" else 0.0), 1),
         "in_process": bool(args.in_process),
+        "benchmark_command": invocation,
     }
     if job.kind == "teacher_eval":
         entry["wall_time_s"] = None  # the teacher was not trained here
@@ -693,7 +764,13 @@ def execute(job: Job, runner, results: dict, args, split: Dict[str, str]) -> Opt
         entry["weights" if job.kind != "distill" else "teacher_weights"] = job.extra.get("weights")
     if "teacher/bbox" in evaluated:
         entry["teacher_metrics"] = evaluated["teacher/bbox"]
-    entry.update({k: v for k, v in provenance().items() if k in ("date", "git", "torch", "detectron2", "cpu", "cpu_count", "torch_threads")})
+    entry.update(
+        {
+            k: v
+            for k, v in provenance().items()
+            if k in ("date", "git", "torch", "detectron2", "cpu", "cpu_count", "torch_threads")
+        }
+    )
     store_entry(results, entry)
     return entry
 
@@ -723,7 +800,9 @@ def _main(args, argv) -> int:
         args.methods = ["fitnet"] if "fitnet" in available else list(available)[:1]
     methods = OrderedDict((m, available[m]) for m in select_names(args.methods, list(available)))
     split = dict(SPLITS[args.eval_split])
-    work_root = os.path.join(args.work_dir or (os.path.join(output_dir, "work") if args.quick else "output/benchmarks"), name)
+    work_root = os.path.join(
+        args.work_dir or (os.path.join(output_dir, "work") if args.quick else "output/benchmarks"), name
+    )
     if args.quick:
         split = register_quick_datasets(os.path.join(work_root, "quick_data"))
     elif args.in_process:
@@ -738,11 +817,15 @@ def _main(args, argv) -> int:
 
     jobs = plan_jobs(args, methods, split, work_root, results)
     command = command_string(SCRIPT, argv)
-    print(f"Accuracy study '{name}': train {split['train']}, evaluate {split['test']}; methods {list(methods)}; "
-          f"seeds {args.seeds}; {'in-process' if args.in_process else 'subprocess'} runs under {work_root}")
+    print(
+        f"Accuracy study '{name}': train {split['train']}, evaluate {split['test']}; methods {list(methods)}; "
+        f"seeds {args.seeds}; {'in-process' if args.in_process else 'subprocess'} runs under {work_root}"
+    )
     for i, job in enumerate(jobs):
-        print(f"  {i + 1:>2}. {job.label:<24} {job.action:<8} ({job.reason}); {job.iterations} iters\n"
-              f"      {job.command() if job.action not in ('skip', 'harvest') else ''}".rstrip())
+        print(
+            f"  {i + 1:>2}. {job.label:<24} {job.action:<8} ({job.reason}); {job.iterations} iters\n"
+            f"      {job.command() if job.action not in ('skip', 'harvest') else ''}".rstrip()
+        )
     if args.dry_run:
         return 0
 
@@ -759,17 +842,23 @@ def _main(args, argv) -> int:
         print(progress.line(i, f"{job.label}: {job.action} ({job.iterations} iters) -> {job.output_dir}"), flush=True)
         start = time.time()
         try:
-            entry = execute(job, runner, results, args, split)
+            entry = execute(job, runner, results, args, split, command)
         except RunFailed as e:
             failures.append(job.label)
             print(f"    FAILED {job.label}: {e}", flush=True)
+            if job.kind == "teacher":
+                print("The teacher could not be trained; the distillation runs need it. Stopping.", flush=True)
+                break
             continue
         progress.finished(i, time.time() - start)
         write_json(json_path, results)
         write_text(md_path, render_markdown(results))
         m = entry["metrics"]
-        print(f"    {job.label} done in {fmt_duration(time.time() - start)}: "
-              + ", ".join(f"{k} {m.get(k) if m.get(k) is None else round(m[k], 2)}" for k in METRICS), flush=True)
+        print(
+            f"    {job.label} done in {fmt_duration(time.time() - start)}: "
+            + ", ".join(f"{k} {m.get(k) if m.get(k) is None else round(m[k], 2)}" for k in METRICS),
+            flush=True,
+        )
 
     write_json(json_path, results)
     write_text(md_path, render_markdown(results))

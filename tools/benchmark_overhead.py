@@ -32,7 +32,6 @@ the output says which was used).
 
 import argparse
 import contextlib
-import copy
 import ctypes
 import gc
 import itertools
@@ -41,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,14 +70,21 @@ MB = 1024.0 * 1024.0
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--methods", nargs="+", help="methods (default: every configs/bccd/distill_<method>_R50_R18.yaml)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per phase (default 3; --quick 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per phase (default 20; --quick 2)")
-    p.add_argument("--memory-steps", type=int, default=None, help="steps per phase in the memory pass (default 2; --quick 1)")
-    p.add_argument("--teacher-weights", default=None,
-                   help="auto (trained weights at DISTILL.TEACHER.WEIGHTS if present, else random; the default), "
-                        "random (the --quick default), or a path")
+    p.add_argument(
+        "--memory-steps", type=int, default=None, help="steps per phase in the memory pass (default 2; --quick 1)"
+    )
+    p.add_argument(
+        "--teacher-weights",
+        default=None,
+        help="auto (trained weights at DISTILL.TEACHER.WEIGHTS if present, else random; the default), "
+        "random (the --quick default), or a path",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; --quick: 1)")
     p.add_argument("--output-dir", help="default benchmarks/results (--quick: output/benchmarks/quick)")
@@ -302,8 +308,11 @@ def measure_method(method, config, args, student_cfg_opts, batches, plain, tmpdi
         n_warm = args.warmup
         for k, batch in enumerate(batches):
             records = student_records(dm, batch) if runner.parts else None
-            phases = [("student", lambda: run_student(batch)), ("distill", lambda: run_distill(batch)),
-                      ("teacher", lambda: run_teacher(batch, records))]
+            phases = [
+                ("student", lambda: run_student(batch)),
+                ("distill", lambda: run_distill(batch)),
+                ("teacher", lambda: run_teacher(batch, records)),
+            ]
             shift = k % 3
             for name, fn in phases[shift:] + phases[:shift]:  # rotate the order: no phase always first
                 _sync(device)
@@ -341,8 +350,10 @@ def measure_method(method, config, args, student_cfg_opts, batches, plain, tmpdi
         uses_roi_head=roi,
         iteration=it,
         teacher_weights=weights_note,
-        time_ms={k: {"median": 1e3 * med[k], "p25": 1e3 * percentile(v, 25), "p75": 1e3 * percentile(v, 75), "n": len(v)}
-                 for k, v in times.items()},
+        time_ms={
+            k: {"median": 1e3 * med[k], "p25": 1e3 * percentile(v, 25), "p75": 1e3 * percentile(v, 75), "n": len(v)}
+            for k, v in times.items()
+        },
         ratio=ratio,
         ratio_paired_median=paired,
         ratio_target=target,
@@ -370,19 +381,21 @@ def render_markdown(report: dict) -> str:
     for r in report["methods"]:
         t = r["time_ms"]
         mem = r.get("memory_mb")
-        rows.append([
-            r["method"],
-            "+".join(r["teacher_parts"]) or "–",
-            f"{t['student']['median']:.0f}",
-            f"{t['teacher']['median']:.0f}",
-            f"{t['distill']['median']:.0f}",
-            f"**{r['ratio']:.3f}**",
-            f"≤ {r['ratio_target']:.2f} {'✓' if r['ratio_ok'] else '✗'}",
-            f"{mem['student']['total']:.0f}" if mem else "n/a",
-            f"{mem['teacher']['total']:.0f}" if mem else "n/a",
-            f"{mem['distill']['total']:.0f}" if mem else "n/a",
-            (f"{r['memory_ratio']:.3f} {'✓' if r['memory_ok'] else '✗'}") if mem else "n/a",
-        ])
+        rows.append(
+            [
+                r["method"],
+                "+".join(r["teacher_parts"]) or "–",
+                f"{t['student']['median']:.0f}",
+                f"{t['teacher']['median']:.0f}",
+                f"{t['distill']['median']:.0f}",
+                f"**{r['ratio']:.3f}**",
+                f"≤ {r['ratio_target']:.2f} {'✓' if r['ratio_ok'] else '✗'}",
+                f"{mem['student']['total']:.0f}" if mem else "n/a",
+                f"{mem['teacher']['total']:.0f}" if mem else "n/a",
+                f"{mem['distill']['total']:.0f}" if mem else "n/a",
+                (f"{r['memory_ratio']:.3f} {'✓' if r['memory_ok'] else '✗'}") if mem else "n/a",
+            ]
+        )
     s = report["setup"]
     lines = [
         "# Distillation overhead per training step (BCCD, R50-FPN teacher -> R18-FPN student)",
@@ -396,9 +409,21 @@ def render_markdown(report: dict) -> str:
         f"({s['memory_method']}); target mem_distill ≤ 1.10 × (mem_student + mem_teacher).",
         "",
         markdown_table(
-            ["Method", "teacher runs", "t_student ms", "t_teacher ms", "t_distill ms", "ratio", "target",
-             "mem student", "mem teacher", "mem distill", "mem ratio"],
-            rows, align="llrrrrlrrrr",
+            [
+                "Method",
+                "teacher runs",
+                "t_student ms",
+                "t_teacher ms",
+                "t_distill ms",
+                "ratio",
+                "target",
+                "mem student",
+                "mem teacher",
+                "mem distill",
+                "mem ratio",
+            ],
+            rows,
+            align="llrrrrlrrrr",
         ),
         f"Made by `{report['command']}` on {report['provenance']['date']}, commit "
         f"{(report['provenance']['git'].get('commit') or '?')[:12]}"
@@ -419,8 +444,11 @@ def _main(args, argv) -> int:
     args.memory_steps = 2 if args.memory_steps is None else args.memory_steps
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     output_dir = args.output_dir or ("output/benchmarks/quick" if args.quick else "benchmarks/results")
     name = "overhead" + ("_quick" if args.quick else "")
 
@@ -435,19 +463,27 @@ def _main(args, argv) -> int:
     opts = merge_opts(QUICK_INPUT_OPTS if args.quick else [], ["MODEL.DEVICE", str(device)], args.opts)
     student_cfg = load_cfg(STUDENT_CONFIG, opts)
     n_batches = args.warmup + args.steps
-    print(f"Overhead on {device} with {torch.get_num_threads()} thread(s): methods {methods}; "
-          f"{args.warmup} warm-up + {args.steps} timed steps, batch {student_cfg.SOLVER.IMS_PER_BATCH}.", flush=True)
+    print(
+        f"Overhead on {device} with {torch.get_num_threads()} thread(s): methods {methods}; "
+        f"{args.warmup} warm-up + {args.steps} timed steps, batch {student_cfg.SOLVER.IMS_PER_BATCH}.",
+        flush=True,
+    )
     batches = take_batches(student_cfg, n_batches)
     plain = build_plain_student(student_cfg)
     probe = MemoryProbe(device)
-    memory_method = {"cuda": "torch.cuda.max_memory_allocated", "rss": "peak RSS via /proc/self/clear_refs + VmHWM",
-                     None: "unavailable on this system"}[probe.kind]
+    memory_method = {
+        "cuda": "torch.cuda.max_memory_allocated",
+        "rss": "peak RSS via /proc/self/clear_refs + VmHWM",
+        None: "unavailable on this system",
+    }[probe.kind]
     rows, cache, failures, notes = [], {}, [], set()
     with tempfile.TemporaryDirectory(prefix="d2kd_overhead_") as tmpdir:
         for i, method in enumerate(methods):
             start = time.time()
             try:
-                row = measure_method(method, available[method], args, opts, batches, plain, tmpdir, cache, probe, device)
+                row = measure_method(
+                    method, available[method], args, opts, batches, plain, tmpdir, cache, probe, device
+                )
             except Exception as e:  # one broken method must not hide the others' numbers
                 failures.append(method)
                 print(f"[{i + 1}/{len(methods)}] {method}: FAILED ({type(e).__name__}: {e})", flush=True)
@@ -461,9 +497,13 @@ def _main(args, argv) -> int:
                 f"teacher[{'+'.join(row['teacher_parts']) or '-'}] {t['teacher']['median']:.0f} ms, distill "
                 f"{t['distill']['median']:.0f} ms -> ratio = t_distill / (t_student + t_teacher) = {row['ratio']:.3f} "
                 f"(target <= {row['ratio_target']:.2f}: {'OK' if row['ratio_ok'] else 'ABOVE'})"
-                + (f"; memory MB student {mem['student']['total']:.0f}, teacher {mem['teacher']['total']:.0f}, "
-                   f"distill {mem['distill']['total']:.0f} -> {row['memory_ratio']:.3f} "
-                   f"(target <= {TARGET_MEMORY:.2f}: {'OK' if row['memory_ok'] else 'ABOVE'})" if mem else ""),
+                + (
+                    f"; memory MB student {mem['student']['total']:.0f}, teacher {mem['teacher']['total']:.0f}, "
+                    f"distill {mem['distill']['total']:.0f} -> {row['memory_ratio']:.3f} "
+                    f"(target <= {TARGET_MEMORY:.2f}: {'OK' if row['memory_ok'] else 'ABOVE'})"
+                    if mem
+                    else ""
+                ),
                 flush=True,
             )
     report = OrderedDict(

@@ -53,12 +53,16 @@ BASELINE_RUN = "output/benchmarks/bccd_accuracy/baseline/seed0/model_final.pth"
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--images", type=int, help="timed images (default 50; --quick 2)")
     p.add_argument("--warmup", type=int, help="untimed images first (default 5; --quick 1)")
     p.add_argument("--flop-images", type=int, help="images averaged for FLOPs (default 3; --quick 1)")
     p.add_argument("--dataset", default="bccd_test", help="registered dataset the images come from")
-    p.add_argument("--teacher-config", help="default: DISTILL.TEACHER.CONFIG_FILE of configs/bccd/Base-distill-R50-R18.yaml")
+    p.add_argument(
+        "--teacher-config", help="default: DISTILL.TEACHER.CONFIG_FILE of configs/bccd/Base-distill-R50-R18.yaml"
+    )
     p.add_argument("--student-config", default=STUDENT_CONFIG)
     p.add_argument("--teacher-weights", default=None, help="auto (default), random (--quick default), or a path")
     p.add_argument("--student-weights", default=None, help="auto (default), random (--quick default), or a path")
@@ -140,8 +144,11 @@ def _main(args, argv) -> int:
     args.images = args.images if args.images is not None else (2 if q else 50)
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 5)
     args.flop_images = args.flop_images if args.flop_images is not None else 1 if q else 3
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     output_dir = args.output_dir or ("output/benchmarks/quick" if q else "benchmarks/results")
     name = "speed" + ("_quick" if q else "")
 
@@ -165,9 +172,11 @@ def _main(args, argv) -> int:
     inputs = OrderedDict((k, _test_inputs(cfgs[k], args.dataset, n)) for k in cfgs)
     if len(inputs["student"]) < args.warmup + args.images:
         raise SystemExit(f"{args.dataset} has only {len(inputs['student'])} images; lower --images/--warmup.")
-    print(f"Speed on {device} with {torch.get_num_threads()} thread(s): {args.warmup} warm-up + {args.images} timed "
-          f"images of {args.dataset}, batch 1; weights: "
-          + "; ".join(f"{k} {w[1]}" for k, w in weights.items()), flush=True)
+    print(
+        f"Speed on {device} with {torch.get_num_threads()} thread(s): {args.warmup} warm-up + {args.images} timed "
+        f"images of {args.dataset}, batch 1; weights: " + "; ".join(f"{k} {w[1]}" for k, w in weights.items()),
+        flush=True,
+    )
 
     times = {k: [] for k in models}
     with torch.no_grad():
@@ -190,8 +199,13 @@ def _main(args, argv) -> int:
             weights=weights[k][1],
             depth=int(cfgs[k].MODEL.RESNETS.DEPTH),
             input_hw=list(image["image"].shape[-2:]),
-            time_ms=OrderedDict(median=1e3 * median(times[k]), p25=1e3 * percentile(times[k], 25),
-                                p75=1e3 * percentile(times[k], 75), mean=1e3 * sum(times[k]) / len(times[k]), n=len(times[k])),
+            time_ms=OrderedDict(
+                median=1e3 * median(times[k]),
+                p25=1e3 * percentile(times[k], 25),
+                p75=1e3 * percentile(times[k], 75),
+                mean=1e3 * sum(times[k]) / len(times[k]),
+                n=len(times[k]),
+            ),
             images_per_s=1.0 / median(times[k]),
             params=count_params(model),
             gflops=OrderedDict((m, v / 1e9) for m, v in flops.items()),
@@ -201,6 +215,7 @@ def _main(args, argv) -> int:
     summary = OrderedDict(
         speedup=t["time_ms"]["median"] / s["time_ms"]["median"],
         params_ratio=s["params"]["total"] / t["params"]["total"],
+        backbone_params_ratio=s["params"].get("backbone", 0) / max(t["params"].get("backbone", 0), 1),
         gflops_ratio=s["gflops"]["total"] / t["gflops"]["total"],
         backbone_gflops_ratio=s["gflops"].get("backbone", 0) / max(t["gflops"].get("backbone", 0), 1e-12),
     )
@@ -208,9 +223,17 @@ def _main(args, argv) -> int:
         benchmark="speed",
         command=command_string(SCRIPT, argv),
         provenance=provenance(str(device)),
-        setup=OrderedDict(device=str(device), dataset=args.dataset, warmup=args.warmup, images=args.images,
-                          flop_images=args.flop_images, batch=1, min_size_test=int(cfgs["student"].INPUT.MIN_SIZE_TEST),
-                          max_size_test=int(cfgs["student"].INPUT.MAX_SIZE_TEST), opts=opts),
+        setup=OrderedDict(
+            device=str(device),
+            dataset=args.dataset,
+            warmup=args.warmup,
+            images=args.images,
+            flop_images=args.flop_images,
+            batch=1,
+            min_size_test=int(cfgs["student"].INPUT.MIN_SIZE_TEST),
+            max_size_test=int(cfgs["student"].INPUT.MAX_SIZE_TEST),
+            opts=opts,
+        ),
         models=rows,
         student_vs_teacher=summary,
     )
@@ -226,34 +249,51 @@ def _main(args, argv) -> int:
 def render_markdown(report: dict) -> str:
     rows = []
     for k, r in report["models"].items():
-        rows.append([
-            f"{k} (R{r['depth']}-FPN)",
-            f"{r['params']['total'] / 1e6:.2f}",
-            f"{r['params'].get('backbone', 0) / 1e6:.2f}",
-            f"{r['gflops']['total']:.1f}",
-            f"{r['gflops'].get('backbone', 0):.1f}",
-            f"{r['time_ms']['median']:.0f} ({r['time_ms']['p25']:.0f}–{r['time_ms']['p75']:.0f})",
-            f"{r['images_per_s']:.2f}",
-        ])
+        rows.append(
+            [
+                f"{k} (R{r['depth']}-FPN)",
+                f"{r['params']['total'] / 1e6:.2f}",
+                f"{r['params'].get('backbone', 0) / 1e6:.2f}",
+                f"{r['gflops']['total']:.1f}",
+                f"{r['gflops'].get('backbone', 0):.1f}",
+                f"{r['time_ms']['median']:.0f} ({r['time_ms']['p25']:.0f}–{r['time_ms']['p75']:.0f})",
+                f"{r['images_per_s']:.2f}",
+            ]
+        )
     sm = report["student_vs_teacher"]
-    rows.append(["student / teacher", f"{sm['params_ratio']:.2f}×", "", f"{sm['gflops_ratio']:.2f}×",
-                 f"{sm['backbone_gflops_ratio']:.2f}×", f"{1 / sm['speedup']:.2f}× (speed-up {sm['speedup']:.2f}×)", ""])
+    rows.append(
+        [
+            "student / teacher",
+            f"{sm['params_ratio']:.2f}×",
+            f"{sm['backbone_params_ratio']:.2f}×",
+            f"{sm['gflops_ratio']:.2f}×",
+            f"{sm['backbone_gflops_ratio']:.2f}×",
+            f"{1 / sm['speedup']:.2f}× (speed-up {sm['speedup']:.2f}×)",
+            "",
+        ]
+    )
     s, p = report["setup"], report["provenance"]
-    return "\n".join([
-        "# Inference cost: teacher vs student (BCCD)",
-        "",
-        f"Batch 1 on {s['device']} ({p['cpu'] if s['device'] == 'cpu' else p.get('gpu', s['device'])}, "
-        f"{p['torch_threads']} thread(s)), {s['images']} images of `{s['dataset']}` after {s['warmup']} warm-up, "
-        f"test size {s['min_size_test']}/{s['max_size_test']}; median (25th–75th percentile). GFLOPs by fvcore "
-        f"(1 multiply-add = 1 flop; NMS not counted), mean over {s['flop_images']} image(s). Weights: "
-        + "; ".join(f"{k}: {r['weights']}" for k, r in report["models"].items()) + ".",
-        "",
-        markdown_table(["Model", "params (M)", "backbone params (M)", "GFLOPs", "backbone GFLOPs", "ms / image", "images / s"],
-                       rows, align="lrrrrrr"),
-        f"Made by `{report['command']}` on {p['date']}, commit {(p['git'].get('commit') or '?')[:12]}"
-        f"{' (with local changes)' if p['git'].get('dirty') else ''}; torch {p['torch']}.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Inference cost: teacher vs student (BCCD)",
+            "",
+            f"Batch 1 on {s['device']} ({p['cpu'] if s['device'] == 'cpu' else p.get('gpu', s['device'])}, "
+            f"{p['torch_threads']} thread(s)), {s['images']} images of `{s['dataset']}` after {s['warmup']} warm-up, "
+            f"test size {s['min_size_test']}/{s['max_size_test']}; median (25th–75th percentile). GFLOPs by fvcore "
+            f"(1 multiply-add = 1 flop; NMS not counted), mean over {s['flop_images']} image(s). Weights: "
+            + "; ".join(f"{k}: {r['weights']}" for k, r in report["models"].items())
+            + ".",
+            "",
+            markdown_table(
+                ["Model", "params (M)", "backbone params (M)", "GFLOPs", "backbone GFLOPs", "ms / image", "images / s"],
+                rows,
+                align="lrrrrrr",
+            ),
+            f"Made by `{report['command']}` on {p['date']}, commit {(p['git'].get('commit') or '?')[:12]}"
+            f"{' (with local changes)' if p['git'].get('dirty') else ''}; torch {p['torch']}.",
+            "",
+        ]
+    )
 
 
 def main(argv=None) -> int:

@@ -61,25 +61,42 @@ TEACHER_CONFIG = "configs/bccd/teacher_R50_FPN.yaml"
 # --quick: inputs and sampling sizes small enough for a unit test (the values of
 # tests/conftest.py's shrink_for_tests), given as config overrides so they appear in commands.
 QUICK_INPUT_OPTS = [
-    "INPUT.MIN_SIZE_TRAIN", "(128,)",
-    "INPUT.MAX_SIZE_TRAIN", "192",
-    "INPUT.MIN_SIZE_TEST", "128",
-    "INPUT.MAX_SIZE_TEST", "192",
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.WARMUP_ITERS", "1",
-    "SOLVER.STEPS", "()",
-    "SOLVER.CHECKPOINT_PERIOD", "100000",
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "64",
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200",
-    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", "200",
-    "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
-    "DATALOADER.NUM_WORKERS", "0",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(128,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "192",
+    "INPUT.MIN_SIZE_TEST",
+    "128",
+    "INPUT.MAX_SIZE_TEST",
+    "192",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "SOLVER.STEPS",
+    "()",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "100000",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "32",
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE",
+    "64",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+    "200",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "100",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST",
+    "200",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "100",
+    "DATALOADER.NUM_WORKERS",
+    "0",
 ]
 
 
-def discover_methods(config_dir: str = BCCD_CONFIG_DIR, pattern: str = METHOD_CONFIG_PATTERN) -> "OrderedDict[str, str]":
+def discover_methods(
+    config_dir: str = BCCD_CONFIG_DIR, pattern: str = METHOD_CONFIG_PATTERN
+) -> "OrderedDict[str, str]":
     """
     ``{method: config path}`` for every file matching ``pattern`` in ``config_dir``
     (relative paths are taken from the repository root), sorted by method name.

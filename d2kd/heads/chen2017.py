@@ -219,7 +219,8 @@ class Chen2017(RPNOutputsMixin, RoILogitsMixin, DistillHead):
             soft = binary_weighted_soft_cross_entropy(
                 z_s, t_logits[mask], 1.0, self.bg_weight, self.temperature
             ).sum() / normalizer
-            hard = F.binary_cross_entropy_with_logits(z_s, sampled.labels[mask].to(z_s.dtype), reduction="sum") / normalizer
+            labels = sampled.labels[mask].to(z_s.dtype)
+            hard = F.binary_cross_entropy_with_logits(z_s, labels, reduction="sum") / normalizer
             terms["rpn_cls"] = self.rpn_cls_weight * (1.0 - self.mu) * soft
             terms["rpn_cls_hard"] = self.rpn_cls_weight * (self.mu - 1.0) * hard
         if self.reg_enabled:
@@ -250,9 +251,9 @@ class Chen2017(RPNOutputsMixin, RoILogitsMixin, DistillHead):
             gt_boxes = cat([(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals], dim=0)
             gt_deltas = self.rcn_transform.get_deltas(proposal_boxes[fg], gt_boxes[fg])
             fg_classes = gt_classes[fg]
-            loss = self._regression(
-                _class_deltas(s_deltas[fg], fg_classes), _class_deltas(t_deltas[fg], fg_classes), gt_deltas, self.margins["rcn"]
-            )
+            s_fg = _class_deltas(s_deltas[fg], fg_classes)
+            t_fg = _class_deltas(t_deltas[fg], fg_classes)
+            loss = self._regression(s_fg, t_fg, gt_deltas, self.margins["rcn"])
             terms["rcn_reg"] = self.reg_weight * loss / normalizer
         return terms
 

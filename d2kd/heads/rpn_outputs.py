@@ -58,7 +58,8 @@ class RPNOutputsMixin:
     def _require_rpn_outputs(self, context, teacher_input_scale: float = 1.0):
         for role, model in (("student", context.student), ("teacher", context.teacher)):
             rpn = getattr(model, "proposal_generator", None)
-            if rpn is None or not all(hasattr(rpn, a) for a in ("rpn_head", "anchor_generator", "label_and_sample_anchors")):
+            needed = ("rpn_head", "anchor_generator", "label_and_sample_anchors")
+            if rpn is None or not all(hasattr(rpn, a) for a in needed):
                 raise DistillConfigError(
                     f"Head '{self.name}' distils the RPN, but the {role} ({type(model).__name__}) has no "
                     f"Detectron2 RPN (proposal generator: {type(rpn).__name__}). Use two-stage detectors with "

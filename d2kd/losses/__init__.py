@@ -2,7 +2,11 @@
 
 from .distribution import kd_kl_div
 from .feature import feature_mse
-from .weighted_soft_ce import background_last_class_weights, binary_weighted_soft_cross_entropy, weighted_soft_cross_entropy
+from .weighted_soft_ce import (
+    background_last_class_weights,
+    binary_weighted_soft_cross_entropy,
+    weighted_soft_cross_entropy,
+)
 from .bounded_regression import regression_distance, teacher_bounded_regression
 
 __all__ = ["kd_kl_div", "feature_mse"]
