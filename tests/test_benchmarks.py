@@ -178,8 +178,8 @@ def test_dry_run_plans_val_study_with_its_own_teacher(accuracy, tmp_path, capsys
     out = capsys.readouterr().out
     teacher_dir = str(tmp_path / "w" / "bccd_accuracy_val" / "teacher")
     assert (
-        f"configs/bccd/teacher_R50_FPN.yaml --overwrite DATASETS.TRAIN '(\"bccd_train\",)' DATASETS.TEST '(\"bccd_val\",)' OUTPUT_DIR {teacher_dir}"
-        in out
+        "configs/bccd/teacher_R50_FPN.yaml --overwrite DATASETS.TRAIN '(\"bccd_train\",)' "
+        f"DATASETS.TEST '(\"bccd_val\",)' OUTPUT_DIR {teacher_dir}" in out
     )
     assert f"SEED 3 DISTILL.TEACHER.WEIGHTS {teacher_dir}/model_final.pth" in out
     assert "bccd_test" not in out and not (tmp_path / "w").exists()

@@ -615,7 +615,8 @@ def plan_jobs(
             teacher.iterations = int(saved["SOLVER"]["MAX_ITER"])
             if args.teacher_iters and teacher.iterations != args.teacher_iters:
                 print(
-                    f"Note: reusing the teacher at {weights} ({teacher.iterations} iterations); --teacher-iters ignored."
+                    f"Note: reusing the teacher at {weights} ({teacher.iterations} iterations); "
+                    "--teacher-iters ignored."
                 )
         action, why = plan_action(teacher_dir, teacher.iterations, split["test"], None)
         teacher.action, teacher.reason = ("harvest", why) if action == "harvest" else ("eval", f"reusing {weights}")

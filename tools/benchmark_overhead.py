@@ -493,7 +493,8 @@ def _main(args, argv) -> int:
             t = row["time_ms"]
             mem = row.get("memory_mb")
             print(
-                f"[{i + 1}/{len(methods)}] {method} ({time.time() - start:.0f} s): student {t['student']['median']:.0f} ms, "
+                f"[{i + 1}/{len(methods)}] {method} ({time.time() - start:.0f} s): "
+                f"student {t['student']['median']:.0f} ms, "
                 f"teacher[{'+'.join(row['teacher_parts']) or '-'}] {t['teacher']['median']:.0f} ms, distill "
                 f"{t['distill']['median']:.0f} ms -> ratio = t_distill / (t_student + t_teacher) = {row['ratio']:.3f} "
                 f"(target <= {row['ratio_target']:.2f}: {'OK' if row['ratio_ok'] else 'ABOVE'})"

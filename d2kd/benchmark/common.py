@@ -316,7 +316,8 @@ class Progress:
 
     def line(self, index: int, label: str) -> str:
         elapsed = time.time() - self.start_time
-        return f"[{index + 1}/{len(self.units)}] {label} | elapsed {fmt_duration(elapsed)}, ETA {fmt_duration(self.eta(index))}"
+        eta = fmt_duration(self.eta(index))
+        return f"[{index + 1}/{len(self.units)}] {label} | elapsed {fmt_duration(elapsed)}, ETA {eta}"
 
 
 def median(values: Sequence[float]) -> float:
