@@ -66,6 +66,29 @@ def test_methods_are_discovered_from_config_files(tmp_path):
         select_names(["nope"], list(repo))
 
 
+def test_study_keeps_only_methods_of_its_student_and_teacher(tmp_path):
+    from d2kd.benchmark import study_methods
+
+    base = os.path.join(REPO, "configs", "bccd", "distill_fitnet_R50_R18.yaml")
+    variants = {
+        "same": "",
+        "other_teacher": "DISTILL:\n  TEACHER:\n    CONFIG_FILE: configs/bccd/retinanet_R50_FPN_teacher.yaml\n",
+        "deeper_student": "MODEL:\n  RESNETS:\n    DEPTH: 34\n",
+        "no_heads": "DISTILL:\n  HEADS: []\n",
+    }
+    methods = {}
+    for name, extra in variants.items():
+        path = tmp_path / f"distill_{name}_R50_R18.yaml"
+        path.write_text(f"_BASE_: {base}\n{extra}")
+        methods[name] = str(path)
+    kept, skipped = study_methods(
+        methods, os.path.join(REPO, "configs/bccd/student_R18_FPN.yaml"), "./configs/bccd/teacher_R50_FPN.yaml"
+    )
+    assert list(kept) == ["same"]
+    assert "retinanet_R50_FPN_teacher" in skipped["other_teacher"] and "34" in skipped["deeper_student"]
+    assert skipped["no_heads"] == "no DISTILL.HEADS"
+
+
 def test_merge_opts_keeps_the_last_value_of_a_key():
     assert merge_opts(["A", "1", "B", 2], ["A", "3"], [], ["C", "x"]) == ["A", "3", "B", "2", "C", "x"]
     with pytest.raises(ValueError, match="KEY VALUE"):

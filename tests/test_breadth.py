@@ -210,28 +210,31 @@ def test_densekd_needs_two_retinanets(tmp_path, retina_r18_weights, teacher_r18_
             DistillTrainer(cfg)
 
 
-# Feature heads on RetinaNet levels, with the options that point them at p3..p7.
+# Feature heads on RetinaNet levels p3..p7: (head, its RetinaNet config or None, options).
 FEATURE_HEADS = [
-    ("fitnet", ["DISTILL.FITNET.IN_FEATURES", RETINA_LEVELS]),
-    ("cwd", ["DISTILL.CWD.IN_FEATURES", RETINA_LEVELS]),
-    ("fgd", ["DISTILL.FGD.IN_FEATURES", RETINA_LEVELS]),
-    ("fbkd", ["DISTILL.FBKD.IN_FEATURES", RETINA_LEVELS]),
-    ("fgfi", ["DISTILL.FGFI.IN_FEATURES", RETINA_LEVELS, "DISTILL.FGFI.WARMUP_ITERS", 0]),
-    ("defeat", ["DISTILL.DEFEAT.ROI_KD", False, "DISTILL.DEFEAT.IN_FEATURES", RETINA_LEVELS]),
-    ("hgd", ["DISTILL.HGD.IN_FEATURES", ["res3", "res4", "res5"] + RETINA_LEVELS]),
+    ("fitnet", "bccd/distill_fitnet_retinanet_R50_R18.yaml", []),
+    ("cwd", "bccd/distill_cwd_retinanet_R50_R18.yaml", []),
+    ("fgd", "bccd/distill_fgd_retinanet_R50_R18.yaml", []),
+    ("fgfi", "bccd/distill_fgfi_retinanet_R50_R18.yaml", ["DISTILL.FGFI.WARMUP_ITERS", 0]),
+    ("defeat", "bccd/distill_defeat_retinanet_R50_R18.yaml", []),
+    ("fbkd", None, ["DISTILL.FBKD.IN_FEATURES", RETINA_LEVELS]),
+    ("hgd", None, ["DISTILL.HGD.IN_FEATURES", ["res3", "res4", "res5"] + RETINA_LEVELS]),
     (
         "chen2017",
+        None,
         ["DISTILL.CHEN2017.CLS.ENABLED", False, "DISTILL.CHEN2017.REG.ENABLED", False, "DISTILL.CHEN2017.HINT.IN_FEATURES", RETINA_LEVELS],
     ),
 ]
 
 
-@pytest.mark.parametrize("head,opts", FEATURE_HEADS, ids=[h for h, _ in FEATURE_HEADS])
-def test_feature_heads_on_retinanet_levels(retina_pair, retina_models, head, opts):
+@pytest.mark.parametrize("head,config,opts", FEATURE_HEADS, ids=[h for h, _, _ in FEATURE_HEADS])
+def test_feature_heads_on_retinanet_levels(tmp_path, retina_r18_weights, retina_models, head, config, opts):
     """One training forward on RetinaNet p3..p7 (one image without ground truth): finite terms."""
     if head.lower() not in {n.lower() for n, _ in DISTILL_HEAD_REGISTRY}:
         pytest.skip(f"head {head} is not registered yet")
-    cfg = _heads_cfg(retina_pair, [head, "densekd"], opts)
+    config = config or "bccd/distill_fitnet_retinanet_R50_R18.yaml"
+    cfg = distill_cfg(config, tmp_path, retina_r18_weights, teacher_config=RETINA_STUDENT, opts=opts)
+    cfg.DISTILL.HEADS = [head, "densekd"]
     student, teacher = retina_models
     heads = build_distill_heads(cfg, BuildContext(student, teacher, cfg, teacher.d2kd_cfg))
     model = DistillationModel(student, teacher, heads, DistillSchedule.from_config(cfg))
@@ -268,6 +271,7 @@ def test_fpn_256_teacher_distils_fpn_128_student(tmp_path):
     assert teacher_cfg.MODEL.FPN.OUT_CHANNELS == 256 and teacher_cfg.MODEL.RESNETS.DEPTH == 50
     # The R18 architecture with a 256-channel FPN stands in for the R50 teacher (cheaper).
     wide = ["MODEL.FPN.OUT_CHANNELS", 256]
+    (tmp_path / "wide").mkdir()
     weights = save_random_checkpoint("bccd/student_R18_FPN.yaml", str(tmp_path / "wide" / "teacher.pth"), opts=wide)
     cfg = distill_cfg("bccd/distill_fitnet_R50-FPN256_R18.yaml", tmp_path / "run", weights)
     cfg.DISTILL.TEACHER.OPTS = cfg.DISTILL.TEACHER.OPTS + wide
@@ -418,6 +422,17 @@ def test_mobilenet_v2_student_from_torchvision_weights(tmp_path, teacher_r18_wei
     torch.testing.assert_close(bottom_up.state_dict()[key], reference.state_dict()[key])
 
 
+def test_mobilenet_v2_retinanet_student(tmp_path, retina_r18_weights):
+    """The RetinaNet builder of the swapped backbone (p3..p7) under the RetinaNet teacher."""
+    opts = ["MODEL.BACKBONE.NAME", "build_mobilenetv2_retinanet_fpn_backbone", "DISTILL.HEADS", ["fitnet", "densekd"]]
+    cfg = distill_cfg("bccd/distill_fitnet_retinanet_R50_R18.yaml", tmp_path, retina_r18_weights, teacher_config=RETINA_STUDENT, opts=opts)
+    model = build_distiller(cfg)
+    assert sorted(model.student.backbone.output_shape()) == RETINA_LEVELS
+    losses = step(model, synthetic_batch())
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert {f"loss_kd_{h}_{l}" for h in ("fitnet", "densekd") for l in RETINA_LEVELS} <= set(losses)
+
+
 def test_mobilenet_v2_bad_weights_are_clear_errors(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, str(tmp_path / "other.pth"))
     for opts, match in (
@@ -504,6 +519,7 @@ def test_model_zoo_teacher_by_name(tmp_path, zoo_name):
     teacher_cfg = build_teacher_cfg(cfg)
     assert teacher_cfg.MODEL.RESNETS.DEPTH == 101 and teacher_cfg.MODEL.FPN.OUT_CHANNELS == 256
     teacher = build_model(teacher_cfg)
+    (tmp_path / "zoo").mkdir()
     DetectionCheckpointer(teacher, save_dir=str(tmp_path / "zoo")).save("model")
     del teacher
 
@@ -511,3 +527,30 @@ def test_model_zoo_teacher_by_name(tmp_path, zoo_name):
     assert trainer.teacher.backbone.bottom_up.stages[2].__len__() == 23  # R101: 23 blocks in res4
     assert trainer.teacher.input_format == "BGR" and torch.all(trainer.teacher.pixel_std == 1)
     assert_logged_and_finite(trainer, expected)
+
+
+# ---------------------------------------------------------------------------------------
+# The custom-backbone guide's example (docs/custom_backbone.md), executed
+# ---------------------------------------------------------------------------------------
+
+
+def test_custom_backbone_guide_example(tmp_path, teacher_r18_weights):
+    import re
+    import types
+
+    from detectron2.modeling import BACKBONE_REGISTRY
+
+    guide = open(os.path.join(os.path.dirname(CONFIGS), "docs", "custom_backbone.md")).read()
+    code = re.findall(r"```python\n(.*?)```", guide, re.S)[0]
+    if "build_tinynet_fpn_backbone" not in BACKBONE_REGISTRY:
+        exec(compile(code, "docs/custom_backbone.md", "exec"), types.ModuleType("my_backbone").__dict__)
+    # The guide's YAML, as options on the same base config.
+    yaml_opts = ["MODEL.BACKBONE.NAME", "build_tinynet_fpn_backbone", "MODEL.TINYNET.WIDTH", 32, "DISTILL.HEADS", ["fitnet", "kd"]]
+    cfg = distill_cfg("bccd/distill_fitnet_R50_R18.yaml", tmp_path, teacher_r18_weights, opts=yaml_opts)
+    assert "TINYNET" in build_teacher_cfg(cfg).MODEL  # the teacher's config carries the keys too
+    model = build_distiller(cfg)
+    assert type(model.student.backbone.bottom_up).__name__ == "TinyNet"
+    adapters = model.heads["fitnet"].pairing.adapters
+    assert sorted(adapters) == ["p2", "p3", "p4", "p5", "p6"]
+    losses = step(model, synthetic_batch())
+    assert all(torch.isfinite(v) for v in losses.values()) and "loss_kd_kd" in losses and "loss_kd_fitnet_p2" in losses

@@ -79,6 +79,7 @@ def test_every_head_handles_empty_crowd_and_tiny_boxes(tmp_path, head):
               "DATASETS.TRAIN", ("robust_bccd_train_12",)],
         max_iter=2000,
     )
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (96,), 128  # small: one step per head
     trainer = DistillTrainer(cfg)
     batch = degenerate_batch(cfg)
     trainer._trainer._data_loader_iter_obj = (copy.deepcopy(batch) for _ in itertools.count())

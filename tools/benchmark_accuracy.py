@@ -51,11 +51,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from d2kd.benchmark import (  # noqa: E402
     QUICK_INPUT_OPTS,
     REPO_ROOT,
+    METHOD_CONFIG_PATTERN,
     STUDENT_CONFIG,
+    TEACHER_CONFIG,
     BCCD_CONFIG_DIR,
     Progress,
     command_string,
     discover_methods,
+    split_method_pattern,
+    study_methods,
     fmt_duration,
     in_repo_root,
     torch_threads,
@@ -140,6 +144,16 @@ def build_parser():
     )
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="SEED values (default: 0 1 2; --quick: 0)")
     p.add_argument("--no-baseline", action="store_true", help="do not run the student baseline")
+    p.add_argument(
+        "--method-configs",
+        default=os.path.join(BCCD_CONFIG_DIR, METHOD_CONFIG_PATTERN),
+        help="where methods are discovered; {method} is the method name "
+        "(e.g. 'configs/bccd/hgd_variants/{method}.yaml')",
+    )
+    p.add_argument(
+        "--student-config", default=STUDENT_CONFIG, help="the baseline; methods must distil into this student"
+    )
+    p.add_argument("--teacher-config", default=TEACHER_CONFIG, help="the teacher; methods must distil from it")
     p.add_argument(
         "--eval-split",
         choices=sorted(SPLITS),
@@ -276,7 +290,8 @@ class SubprocessRunner:
     def run(self, job: Job, log_path: str):
         cmd = [sys.executable, os.path.join(REPO_ROOT, "train_net.py")] + job.train_net_args()
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        last_report = time.time()
+        start = last_report = time.time()
+        last_it = None
         with open(log_path, "a") as log:
             log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {job.command()}\n")
             log.flush()
@@ -293,8 +308,11 @@ class SubprocessRunner:
                         if time.time() - last_report >= self.report_seconds:
                             last_report = time.time()
                             it = _last_iteration(job.output_dir)
-                            if it is not None:
-                                print(f"    ... iteration {it + 1}/{job.iterations}", flush=True)
+                            if it is not None and it != last_it:
+                                last_it = it
+                                done = it + 1 >= job.iterations
+                                what = "training done, evaluating" if done else f"iteration {it + 1}/{job.iterations}"
+                                print(f"    ... {what} ({fmt_duration(time.time() - start)} into this run)", flush=True)
             except BaseException:
                 proc.terminate()
                 try:
@@ -477,7 +495,8 @@ def render_markdown(results: dict) -> str:
     commits = sorted({(e.get("git") or {}).get("commit") or "?" for e in runs})
     dirty = any((e.get("git") or {}).get("dirty") for e in runs)
     lines = [
-        f"# BCCD accuracy: R50-FPN teacher -> R18-FPN student ({results.get('split')} split)",
+        f"# BCCD accuracy: {_model_name(results.get('teacher_config'))} teacher -> "
+        f"{_model_name(results.get('student_config'))} student ({results.get('split')} split)",
         "",
         f"Trained on `{results.get('train_dataset')}`, evaluated on `{results.get('test_dataset')}` "
         "(COCO-style box AP, AP50, AP75, in %). Mean ± sample standard deviation over seeds (n). "
@@ -498,6 +517,10 @@ def render_markdown(results: dict) -> str:
         lines.append(f"    {inv['command']}    # {inv.get('date', '')}")
     lines += ["", "Per-run commands, configs and wall times: the JSON file beside this one.", ""]
     return "\n".join(lines)
+
+
+def _model_name(config: Optional[str]) -> str:
+    return os.path.splitext(os.path.basename(config))[0] if config else "?"
 
 
 def render_chart(results: dict, path: str):
@@ -523,7 +546,11 @@ def render_chart(results: dict, path: str):
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([f"{n}\n(n={summary[n]['n']})" for n in names], fontsize=8)
     ax.set_ylabel("box AP (%)")
-    ax.set_title(f"BCCD R50→R18, {results.get('test_dataset')}: mean ± std over seeds", fontsize=10)
+    ax.set_title(
+        f"{_model_name(results.get('teacher_config'))} → {_model_name(results.get('student_config'))}, "
+        f"{results.get('test_dataset')}: mean ± std over seeds",
+        fontsize=10,
+    )
     ax.legend(fontsize=8, ncol=4)
     fig.tight_layout()
     tmp = path + ".tmp.png"
@@ -565,7 +592,10 @@ def register_quick_datasets(root: str) -> Dict[str, str]:
 
 def _results_name(args) -> str:
     name = "bccd_accuracy" + ("_val" if args.eval_split == "val" else "") + ("_quick" if args.quick else "")
-    return name + (f"_{args.tag}" if args.tag else "")
+    tag = args.tag
+    if not tag and os.path.normpath(args.student_config) != os.path.normpath(STUDENT_CONFIG):
+        tag = os.path.splitext(os.path.basename(args.student_config))[0]  # another student: another study
+    return name + (f"_{tag}" if tag else "")
 
 
 def plan_jobs(
@@ -574,18 +604,21 @@ def plan_jobs(
     """The teacher job, the baseline and the methods for every seed, with what to do for each."""
     quick = list(QUICK_INPUT_OPTS) if args.quick else []
     user = list(args.opts or [])
-    base_distill = next(iter(methods.values()), None) or os.path.join(BCCD_CONFIG_DIR, "Base-distill-R50-R18.yaml")
-    distill_cfg = load_cfg(base_distill)
-    teacher_config = distill_cfg.DISTILL.TEACHER.CONFIG_FILE
+    teacher_config = args.teacher_config
     jobs: List[Job] = []
 
     # --- the teacher: trained once, or reused, or given; evaluated on the split
     teacher_cfg = load_cfg(teacher_config)
     teacher_seed = int(teacher_cfg.SEED)
+    # The path the distill configs read the teacher from (the teacher config's own OUTPUT_DIR if no method).
+    first = next(iter(methods.values()), None)
+    configured = (
+        load_cfg(first).DISTILL.TEACHER.WEIGHTS if first else os.path.join(teacher_cfg.OUTPUT_DIR, "model_final.pth")
+    )
     if args.teacher_weights:
         weights, teacher_dir, trainable = args.teacher_weights, os.path.join(work_root, "teacher_eval"), False
     elif args.eval_split == "test" and not args.quick:
-        weights = distill_cfg.DISTILL.TEACHER.WEIGHTS  # the path the distill configs read
+        weights = configured
         teacher_dir, trainable = os.path.dirname(weights), True
     else:
         teacher_dir = os.path.join(work_root, "teacher")
@@ -639,8 +672,8 @@ def plan_jobs(
     jobs.append(teacher)
 
     # --- baseline and methods, per seed
-    student_iters_cfg = load_cfg(STUDENT_CONFIG)
-    runs = ([] if args.no_baseline else [("baseline", STUDENT_CONFIG, "baseline")]) + [
+    student_iters_cfg = load_cfg(args.student_config)
+    runs = ([] if args.no_baseline else [("baseline", args.student_config, "baseline")]) + [
         (m, path, "distill") for m, path in methods.items()
     ]
     for method, config, kind in runs:
@@ -700,16 +733,43 @@ def _dataset_opts(cfg, split: Dict[str, str]) -> List[str]:
 
 def _refuse_if_busy(teacher_dir: str, job: Job, dry_run: bool):
     """Never start a second training into a teacher folder another process is writing."""
+    message = None
+    pids = _training_processes(job.config)
     metrics = os.path.join(teacher_dir, "metrics.json")
-    if os.path.isfile(metrics) and time.time() - os.path.getmtime(metrics) < TEACHER_BUSY_SECONDS:
+    if pids:
+        message = (
+            f"Another train_net.py process is training {job.config} (pid {', '.join(map(str, pids))}; it may be "
+            f"paused), presumably into {teacher_dir}, which has no model_final.pth yet."
+        )
+    elif os.path.isfile(metrics) and time.time() - os.path.getmtime(metrics) < TEACHER_BUSY_SECONDS:
         message = (
             f"The teacher in {teacher_dir} looks like it is training right now (metrics.json changed "
-            f"{int(time.time() - os.path.getmtime(metrics))} s ago) and has no model_final.pth yet. Wait for it "
-            "to finish, or pass --teacher-weights PATH."
+            f"{int(time.time() - os.path.getmtime(metrics))} s ago) and has no model_final.pth yet."
         )
-        if not dry_run:
-            raise SystemExit(message)
-        job.reason += "; WARNING: " + message
+    if message is None:
+        return
+    message += " Wait for it to finish, or pass --teacher-weights PATH."
+    if not dry_run:
+        raise SystemExit(message)
+    job.reason += "; WARNING: " + message
+
+
+def _training_processes(config: str) -> List[int]:
+    """Ids of other processes running ``train_net.py`` (not --eval-only) on ``config`` (Linux /proc)."""
+    pids = []
+    name = os.path.basename(config)
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if any(a.endswith("train_net.py") for a in argv) and any(a.endswith(name) for a in argv):
+            if "--eval-only" not in argv:
+                pids.append(int(entry))
+    return pids
 
 
 def execute(job: Job, runner, results: dict, args, split: Dict[str, str], invocation: str = "") -> Optional[dict]:
@@ -796,7 +856,13 @@ def _main(args, argv) -> int:
         print(f"Wrote {md_path} and {png_path}")
         return 0
 
-    available = discover_methods()
+    found = discover_methods(*split_method_pattern(args.method_configs))
+    available, skipped = study_methods(found, args.student_config, args.teacher_config)
+    for m in args.methods or []:
+        if m in skipped:
+            raise SystemExit(f"Method '{m}' ({found[m]}) is not part of this study: {skipped[m]}.")
+    if skipped:
+        print(f"Not in this study (another student or teacher): " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     if args.quick and not args.methods:
         args.methods = ["fitnet"] if "fitnet" in available else list(available)[:1]
     methods = OrderedDict((m, available[m]) for m in select_names(args.methods, list(available)))
@@ -815,6 +881,7 @@ def _main(args, argv) -> int:
     if results.get("test_dataset", split["test"]) != split["test"]:
         raise SystemExit(f"{json_path} holds results on {results['test_dataset']}, not {split['test']}.")
     results.update({"split": args.eval_split, "train_dataset": split["train"], "test_dataset": split["test"]})
+    results.update({"student_config": args.student_config, "teacher_config": args.teacher_config})
 
     jobs = plan_jobs(args, methods, split, work_root, results)
     command = command_string(SCRIPT, argv)

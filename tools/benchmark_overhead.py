@@ -47,6 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from d2kd.benchmark import (  # noqa: E402
+    BCCD_CONFIG_DIR,
+    METHOD_CONFIG_PATTERN,
     QUICK_INPUT_OPTS,
     STUDENT_CONFIG,
     command_string,
@@ -59,6 +61,7 @@ from d2kd.benchmark import (  # noqa: E402
     percentile,
     provenance,
     select_names,
+    split_method_pattern,
     torch_threads,
     write_json,
     write_text,
@@ -74,6 +77,11 @@ def build_parser():
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--methods", nargs="+", help="methods (default: every configs/bccd/distill_<method>_R50_R18.yaml)")
+    p.add_argument(
+        "--method-configs",
+        default=os.path.join(BCCD_CONFIG_DIR, METHOD_CONFIG_PATTERN),
+        help="where methods are discovered; {method} is the method name",
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per phase (default 3; --quick 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per phase (default 20; --quick 2)")
     p.add_argument(
@@ -183,7 +191,7 @@ def _sync(device):
 
 
 def take_batches(cfg, n: int) -> List[list]:
-    """``n`` training batches of the student's loader (same for every method and phase)."""
+    """``n`` training batches of the student's loader (the same for every phase)."""
     from d2kd import DistillTrainer
 
     loader = DistillTrainer.build_train_loader(cfg)
@@ -238,7 +246,7 @@ def build_distillation(cfg):
     trainer = DistillTrainer(cfg)
     model = trainer._trainer.model
     model = getattr(model, "module", model)
-    head_hooks = [h for h in trainer._hooks if not type(h).__module__.startswith("detectron2.")]
+    head_hooks = [h for h in trainer._hooks if _is_head_hook(h)]
     it = _first_active_iteration(model.schedule, cfg.SOLVER.MAX_ITER)
     setup_seconds = 0.0
     if head_hooks:  # e.g. prototypes a head needs before its first step
@@ -249,6 +257,17 @@ def build_distillation(cfg):
                 h.before_train()
         setup_seconds = time.perf_counter() - start
     return trainer, model, trainer.optimizer, it, setup_seconds
+
+
+def _is_head_hook(hook) -> bool:
+    """Hooks a head added (e.g. GKD's prototype generation); not Detectron2's or the trainer's own."""
+    if type(hook).__module__.startswith("detectron2."):
+        return False
+    try:
+        from d2kd.engine.hooks import NonFiniteLossGuard
+    except ImportError:  # pragma: no cover
+        return True
+    return not isinstance(hook, NonFiniteLossGuard)
 
 
 def _first_active_iteration(schedule, max_iter: int) -> int:
@@ -276,15 +295,17 @@ def student_records(dm, batch):
 # ----------------------------------------------------------------------------- measurement
 
 
-def measure_method(method, config, args, student_cfg_opts, batches, plain, tmpdir, cache, probe, device):
+def measure_method(method, config, args, opts, tmpdir, cache, probe, device):
     from detectron2.utils.events import EventStorage
 
-    cfg = load_cfg(config, student_cfg_opts)
+    cfg = load_cfg(config, opts)
     if args.quick:
         cfg.merge_from_list(["DISTILL.TEACHER.OPTS", [str(o) for o in QUICK_INPUT_OPTS]])
     weights, weights_note = teacher_weights_for(cfg, args.teacher_weights, tmpdir, cache)
     cfg.merge_from_list(["DISTILL.TEACHER.WEIGHTS", weights, "OUTPUT_DIR", os.path.join(tmpdir, method)])
-    student, student_opt = plain
+    # The plain student is the method's own student config without distillation.
+    batches = take_batches(cfg, args.warmup + args.steps)
+    student, student_opt = build_plain_student(cfg)
     trainer, dm, distill_opt, it, hook_setup = build_distillation(cfg)
     dm.student.load_state_dict(student.state_dict())
     dm.train()
@@ -359,6 +380,9 @@ def measure_method(method, config, args, student_cfg_opts, batches, plain, tmpdi
         ratio_target=target,
         ratio_ok=ratio <= target,
         head_hook_setup_s=hook_setup,
+        ims_per_batch=int(cfg.SOLVER.IMS_PER_BATCH),
+        min_size_train=list(cfg.INPUT.MIN_SIZE_TRAIN),
+        student=f"{cfg.MODEL.META_ARCHITECTURE} R{cfg.MODEL.RESNETS.DEPTH}",
         trainable_head_params=sum(p.numel() for p in dm.heads.parameters() if p.requires_grad),
     )
     if probe.available:
@@ -368,7 +392,7 @@ def measure_method(method, config, args, student_cfg_opts, batches, plain, tmpdi
         row["memory_ratio"] = mem["distill"] / (mem["student"] + mem["teacher"])
         row["memory_target"] = TARGET_MEMORY
         row["memory_ok"] = row["memory_ratio"] <= TARGET_MEMORY
-    del trainer, dm, distill_opt
+    del trainer, dm, distill_opt, student, student_opt, batches
     gc.collect()
     return row
 
@@ -384,6 +408,7 @@ def render_markdown(report: dict) -> str:
         rows.append(
             [
                 r["method"],
+                r["student"],
                 "+".join(r["teacher_parts"]) or "–",
                 f"{t['student']['median']:.0f}",
                 f"{t['teacher']['median']:.0f}",
@@ -398,7 +423,7 @@ def render_markdown(report: dict) -> str:
         )
     s = report["setup"]
     lines = [
-        "# Distillation overhead per training step (BCCD, R50-FPN teacher -> R18-FPN student)",
+        "# Distillation overhead per training step (BCCD; each method's own student and teacher)",
         "",
         f"Device {s['device']}, {report['provenance']['torch_threads']} thread(s), batch {s['ims_per_batch']} images "
         f"(short side {s['min_size_train']}), {s['warmup']} warm-up + {s['steps']} timed steps per phase, medians. "
@@ -411,6 +436,7 @@ def render_markdown(report: dict) -> str:
         markdown_table(
             [
                 "Method",
+                "student",
                 "teacher runs",
                 "t_student ms",
                 "t_teacher ms",
@@ -423,7 +449,7 @@ def render_markdown(report: dict) -> str:
                 "mem ratio",
             ],
             rows,
-            align="llrrrrlrrrr",
+            align="lllrrrrlrrrr",
         ),
         f"Made by `{report['command']}` on {report['provenance']['date']}, commit "
         f"{(report['provenance']['git'].get('commit') or '?')[:12]}"
@@ -452,7 +478,7 @@ def _main(args, argv) -> int:
     output_dir = args.output_dir or ("output/benchmarks/quick" if args.quick else "benchmarks/results")
     name = "overhead" + ("_quick" if args.quick else "")
 
-    available = discover_methods()
+    available = discover_methods(*split_method_pattern(args.method_configs))
     if args.quick and not args.methods:
         args.methods = ["fitnet"] if "fitnet" in available else list(available)[:1]
     methods = select_names(args.methods, list(available))
@@ -461,15 +487,12 @@ def _main(args, argv) -> int:
 
     register_bccd()
     opts = merge_opts(QUICK_INPUT_OPTS if args.quick else [], ["MODEL.DEVICE", str(device)], args.opts)
-    student_cfg = load_cfg(STUDENT_CONFIG, opts)
-    n_batches = args.warmup + args.steps
+    student_cfg = load_cfg(STUDENT_CONFIG, opts)  # the BCCD input settings, for the header
     print(
         f"Overhead on {device} with {torch.get_num_threads()} thread(s): methods {methods}; "
         f"{args.warmup} warm-up + {args.steps} timed steps, batch {student_cfg.SOLVER.IMS_PER_BATCH}.",
         flush=True,
     )
-    batches = take_batches(student_cfg, n_batches)
-    plain = build_plain_student(student_cfg)
     probe = MemoryProbe(device)
     memory_method = {
         "cuda": "torch.cuda.max_memory_allocated",
@@ -481,9 +504,7 @@ def _main(args, argv) -> int:
         for i, method in enumerate(methods):
             start = time.time()
             try:
-                row = measure_method(
-                    method, available[method], args, opts, batches, plain, tmpdir, cache, probe, device
-                )
+                row = measure_method(method, available[method], args, opts, tmpdir, cache, probe, device)
             except Exception as e:  # one broken method must not hide the others' numbers
                 failures.append(method)
                 print(f"[{i + 1}/{len(methods)}] {method}: FAILED ({type(e).__name__}: {e})", flush=True)
@@ -503,6 +524,11 @@ def _main(args, argv) -> int:
                     f"distill {mem['distill']['total']:.0f} -> {row['memory_ratio']:.3f} "
                     f"(target <= {TARGET_MEMORY:.2f}: {'OK' if row['memory_ok'] else 'ABOVE'})"
                     if mem
+                    else ""
+                )
+                + (
+                    f"; head hooks' one-off setup (not in the step) {row['head_hook_setup_s']:.1f} s"
+                    if row["head_hook_setup_s"]
                     else ""
                 ),
                 flush=True,

@@ -32,6 +32,8 @@ __all__ = [
     "TEACHER_CONFIG",
     "QUICK_INPUT_OPTS",
     "discover_methods",
+    "split_method_pattern",
+    "study_methods",
     "select_names",
     "in_repo_root",
     "torch_threads",
@@ -111,6 +113,40 @@ def discover_methods(
     return OrderedDict(sorted(found.items()))
 
 
+def split_method_pattern(pattern: str):
+    """``"configs/bccd/distill_{method}_R50_R18.yaml"`` -> (folder, file pattern)."""
+    if "{method}" not in os.path.basename(pattern):
+        raise SystemExit(f"A method config pattern needs '{{method}}' in its file name, got {pattern!r}.")
+    return os.path.dirname(pattern) or ".", os.path.basename(pattern)
+
+
+def _student_signature(cfg):
+    m = cfg.MODEL
+    return (m.META_ARCHITECTURE, m.BACKBONE.NAME, m.RESNETS.DEPTH, m.FPN.OUT_CHANNELS, tuple(cfg.INPUT.MIN_SIZE_TRAIN))
+
+
+def study_methods(methods: Dict[str, str], student_config: str, teacher_config: str):
+    """
+    Split discovered methods into those that distil ``teacher_config`` into the student of
+    ``student_config`` (same meta-architecture, backbone, depth, FPN width, input size) and
+    the others, with the reason: ``(kept, {method: reason})``. A RetinaNet preset, say, does
+    not belong in the Faster R-CNN table (its baseline and teacher differ).
+    """
+    base = _student_signature(load_cfg(student_config))
+    kept, skipped = OrderedDict(), OrderedDict()
+    for name, path in methods.items():
+        cfg = load_cfg(path)
+        if not cfg.DISTILL.HEADS:
+            skipped[name] = "no DISTILL.HEADS"
+        elif os.path.normpath(cfg.DISTILL.TEACHER.CONFIG_FILE) != os.path.normpath(teacher_config):
+            skipped[name] = f"teacher {cfg.DISTILL.TEACHER.CONFIG_FILE}, not {teacher_config}"
+        elif _student_signature(cfg) != base:
+            skipped[name] = f"student {_student_signature(cfg)[:3]} differs from {student_config} {base[:3]}"
+        else:
+            kept[name] = path
+    return kept, skipped
+
+
 def select_names(requested: Optional[Sequence[str]], available: Sequence[str], what: str = "method") -> List[str]:
     """``requested`` (all of ``available`` if None), checked against ``available``."""
     if not requested:
@@ -118,8 +154,8 @@ def select_names(requested: Optional[Sequence[str]], available: Sequence[str], w
     unknown = [r for r in requested if r not in available]
     if unknown:
         raise SystemExit(
-            f"Unknown {what}(s) {unknown}. Available {what}s (discovered from "
-            f"{BCCD_CONFIG_DIR}/{METHOD_CONFIG_PATTERN}): {list(available)}."
+            f"Unknown {what}(s) {unknown}. Available {what}s (discovered from the config files "
+            f"{BCCD_CONFIG_DIR}/{METHOD_CONFIG_PATTERN.format(method='<method>')}): {list(available)}."
         )
     return list(dict.fromkeys(requested))
 

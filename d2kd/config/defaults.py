@@ -9,7 +9,26 @@ everywhere in Detectron2.
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_distill_config"]
+__all__ = ["add_distill_config", "register_config_extension"]
+
+# Functions adding the config keys of a user's own modules (a registered backbone, ...).
+_CONFIG_EXTENSIONS = []
+
+
+def register_config_extension(add_config):
+    """
+    Make every config d2kd builds (the student's, and the teacher's loaded from
+    DISTILL.TEACHER.CONFIG_FILE) carry the keys ``add_config(cfg)`` adds: the options of your
+    own registered backbone or module. Usable as a decorator; call it when your module is
+    imported, before the config is merged (see docs/custom_backbone.md)::
+
+        @register_config_extension
+        def add_mynet_config(cfg):
+            cfg.MODEL.MYNET = CN({"WIDTH": 32})
+    """
+    if add_config not in _CONFIG_EXTENSIONS:
+        _CONFIG_EXTENSIONS.append(add_config)
+    return add_config
 
 
 def _add_base_distill_config(cfg: CN):
@@ -53,6 +72,8 @@ def add_distill_config(cfg: CN) -> CN:
     from d2kd.modeling.backbone import add_mobilenet_config
 
     add_mobilenet_config(cfg)
+    for add_config in _CONFIG_EXTENSIONS:
+        add_config(cfg)
     if "DISTILL" not in cfg:
         _add_base_distill_config(cfg)
     for _, head_class in sorted(DISTILL_HEAD_REGISTRY):

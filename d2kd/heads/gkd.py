@@ -372,6 +372,9 @@ class GKD(RoILogitsMixin, DistillHead):
                 )
                 terms[f"global_{name}"] = self.global_weight * decay * loss
             if self.feature_weight > 0:
+                # Adapted student map and teacher map over the same cells (FeaturePairing.align
+                # also handles a teacher at another input scale).
+                adapted, t = self.pairing.align(name, s, t)
                 masks, start = [], 0
                 for i, (b, c) in enumerate(zip(boxes, chosen)):
                     here = assigned[i][c] == level
@@ -383,7 +386,6 @@ class GKD(RoILogitsMixin, DistillHead):
                             b[c][here] * self.input_scale, w_i, self.teacher_strides[name], tuple(t.shape[-2:]), "overwrite"
                         )
                     )
-                adapted = self.pairing.adapters[name](s, size=t.shape[-2:])
                 loss = decoupled_feature_loss(adapted, t, torch.stack(masks), self.fg_weight, self.bg_weight)
                 terms[f"feat_{name}"] = self.feature_weight * decay * loss / len(self.names)
         if mask_weights:

@@ -103,18 +103,25 @@ class FeaturePairing(nn.Module):
         for name in self.names:
             s = self.student_feature(student_records, name)
             t = self.teacher_feature(teacher_records, name)
-            if self.teacher_input_scale == 1.0:
-                out.append((name, self.adapters[name](s, size=t.shape[-2:]), t, s))
-                continue
-            # Teacher and student pad their batches separately (each to its own size
-            # divisibility, after the teacher's resize), so their maps cover different extents
-            # of the image: resize the student map to the teacher cells covering the same
-            # pixels, then keep the extent both maps cover (top-left aligned, as the images).
-            size = self.corresponding_size(name, s.shape[-2:])
-            h, w = min(size[0], t.shape[-2]), min(size[1], t.shape[-1])
-            adapted = self.adapters[name](s, size=size)[..., :h, :w]
-            out.append((name, adapted, t[..., :h, :w], s))
+            adapted, t = self.align(name, s, t)
+            out.append((name, adapted, t, s))
         return out
+
+    def align(self, name: str, student_map: torch.Tensor, teacher_map: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        ``(adapted student map, teacher map)`` of pair ``name``, of equal size, cell for cell
+        over the same image extent. With ``teacher_input_scale`` 1 the adapted student map is
+        resized to the teacher's (its size when the strides agree). Otherwise the two batches
+        were padded separately (each to its own size divisibility, after the teacher's resize),
+        so the maps span different extents of the image: the student map is resized to the
+        teacher cells spanning the same pixels, and both are cut to the extent they share
+        (top-left aligned, as the images are). For heads that read the maps themselves.
+        """
+        if self.teacher_input_scale == 1.0:
+            return self.adapters[name](student_map, size=teacher_map.shape[-2:]), teacher_map
+        size = self.corresponding_size(name, student_map.shape[-2:])
+        h, w = min(size[0], teacher_map.shape[-2]), min(size[1], teacher_map.shape[-1])
+        return self.adapters[name](student_map, size=size)[..., :h, :w], teacher_map[..., :h, :w]
 
     def corresponding_size(self, name: str, student_hw) -> Tuple[int, int]:
         """The number of teacher cells spanning the pixels a student map of ``student_hw`` spans."""
