@@ -45,10 +45,9 @@ def retina_r18_weights(tmp_path_factory):
     return save_random_checkpoint(RETINA_STUDENT, str(d / "teacher.pth"))
 
 
-def train(cfg, hooks=()):
+def train(cfg):
     trainer = DistillTrainer(cfg)
     trainer.resume_or_load(resume=False)
-    trainer.register_hooks(list(hooks))
     trainer.train()
     return trainer
 
@@ -134,6 +133,9 @@ def test_retinanet_configs_mirror_the_rcnn_base():
     base = get_distill_cfg()
     base.merge_from_file(os.path.join(CONFIGS, RETINA_STUDENT))
     assert base.INPUT.MIN_SIZE_TRAIN == (320,)
+    model = build_model(teacher)
+    assert type(model).__name__ == "RetinaNet" and model.head_in_features == RETINA_LEVELS
+    assert isinstance(model.head.cls_subnet[1], nn.GroupNorm) and model.anchor_generator.num_anchors == [9] * 5
 
 
 def test_retinanet_distillation_fitnet_p3_p7_and_densekd(tmp_path, retina_r18_weights):

@@ -166,7 +166,12 @@ def build_parser():
     p.add_argument(
         "--teacher-weights", help="use these teacher weights (not trained here); it is evaluated on the split"
     )
-    p.add_argument("--force", action="store_true", help="re-run (method, seed) pairs already in the results")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="re-run (method, seed) pairs already in the results (a teacher whose model_final.pth exists is "
+        "re-evaluated, never retrained: delete it to retrain)",
+    )
     p.add_argument("--tag", default="", help="suffix of the results name (a second schedule, an ablation)")
     p.add_argument(
         "--output-dir",
@@ -684,7 +689,9 @@ def plan_jobs(
             if kind == "distill":
                 teacher_opts = ["DISTILL.TEACHER.WEIGHTS", weights]
                 if args.quick:  # the teacher's evaluation at the same small size
-                    teacher_opts += ["DISTILL.TEACHER.OPTS", repr([str(o) for o in QUICK_INPUT_OPTS])]
+                    test_opts = dict(zip(QUICK_INPUT_OPTS[0::2], QUICK_INPUT_OPTS[1::2]))
+                    test_opts = [x for k, v in test_opts.items() if k.endswith("_TEST") for x in (k, v)]
+                    teacher_opts += ["DISTILL.TEACHER.OPTS", json.dumps(test_opts)]
             opts = merge_opts(
                 scale_schedule_opts(cfg, args.student_iters),
                 quick,
@@ -862,7 +869,7 @@ def _main(args, argv) -> int:
         if m in skipped:
             raise SystemExit(f"Method '{m}' ({found[m]}) is not part of this study: {skipped[m]}.")
     if skipped:
-        print(f"Not in this study (another student or teacher): " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+        print("Not in this study (another student or teacher): " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     if args.quick and not args.methods:
         args.methods = ["fitnet"] if "fitnet" in available else list(available)[:1]
     methods = OrderedDict((m, available[m]) for m in select_names(args.methods, list(available)))
@@ -871,11 +878,7 @@ def _main(args, argv) -> int:
         args.work_dir or (os.path.join(output_dir, "work") if args.quick else "output/benchmarks"), name
     )
     if args.quick:
-        split = register_quick_datasets(os.path.join(work_root, "quick_data"))
-    elif args.in_process:
-        from d2kd import register_bccd
-
-        register_bccd()
+        split = dict(QUICK_SPLIT)
 
     results.setdefault("benchmark", "bccd_accuracy")
     if results.get("test_dataset", split["test"]) != split["test"]:
@@ -896,6 +899,12 @@ def _main(args, argv) -> int:
         )
     if args.dry_run:
         return 0
+    if args.quick:
+        register_quick_datasets(os.path.join(work_root, "quick_data"))
+    elif args.in_process:
+        from d2kd import register_bccd
+
+        register_bccd()
 
     invocation = {"command": command, **provenance()}
     results.setdefault("invocations", []).append({k: invocation[k] for k in ("command", "date", "git")})

@@ -283,6 +283,7 @@ def train_step(model, optimizer, batch):
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
+    return losses
 
 
 def student_records(dm, batch):
@@ -317,8 +318,13 @@ def measure_method(method, config, args, opts, tmpdir, cache, probe, device):
     def run_student(batch):
         train_step(student, student_opt, batch)
 
+    if dm.schedule(it) <= 0:
+        raise RuntimeError("distillation is never active within SOLVER.MAX_ITER (DISTILL.WARMUP_ITERS/STOP_ITER)")
+
     def run_distill(batch):
-        train_step(dm, distill_opt, batch)
+        losses = train_step(dm, distill_opt, batch)
+        if not any(k.startswith("loss_kd_") for k in losses):
+            raise RuntimeError(f"the distillation step returned no loss_kd_* term (got {sorted(losses)})")
 
     def run_teacher(batch, records):
         runner(batch, records)
@@ -392,9 +398,7 @@ def measure_method(method, config, args, opts, tmpdir, cache, probe, device):
         row["memory_ratio"] = mem["distill"] / (mem["student"] + mem["teacher"])
         row["memory_target"] = TARGET_MEMORY
         row["memory_ok"] = row["memory_ratio"] <= TARGET_MEMORY
-    del trainer, dm, distill_opt, student, student_opt, batches
-    gc.collect()
-    return row
+    return row  # the models go with this frame; the caller collects
 
 
 # ----------------------------------------------------------------------------- report
@@ -509,6 +513,7 @@ def _main(args, argv) -> int:
                 failures.append(method)
                 print(f"[{i + 1}/{len(methods)}] {method}: FAILED ({type(e).__name__}: {e})", flush=True)
                 continue
+            gc.collect()
             rows.append(row)
             notes.add(row["teacher_weights"])
             t = row["time_ms"]

@@ -99,7 +99,7 @@ def plot_metrics(metrics: str, output: Optional[str] = None, smooth: int = 1, ti
     if not panels:
         raise ValueError(f"{metrics} has no loss or AP entries to plot (keys: {keys[:10]}).")
 
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), squeeze=False, sharex=True)
     for ax, (name, ks) in zip(axes[:, 0], panels):
         for k in ks:
             xs, ys = _series(records, k)
