@@ -27,6 +27,15 @@ from conftest import CONFIGS, distill_cfg, save_random_checkpoint
 FITNET = "bccd/distill_fitnet_R50_R18.yaml"
 
 
+def smaller(cfg):
+    """Inputs of 96 x <=128 px for student and teacher (the tests here only need plumbing)."""
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (96,), 128
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 96, 128
+    cfg.DISTILL.TEACHER.OPTS = ["INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 128,
+                                "MODEL.RPN.PRE_NMS_TOPK_TEST", 200, "MODEL.RPN.POST_NMS_TOPK_TEST", 100]
+    return cfg
+
+
 # ---------------------------------------------------------------------------------------
 # Every registered head on images with no box, a crowd box and a 1x1 px box
 # ---------------------------------------------------------------------------------------
@@ -79,7 +88,7 @@ def test_every_head_handles_empty_crowd_and_tiny_boxes(tmp_path, head):
               "DATASETS.TRAIN", ("robust_bccd_train_12",)],
         max_iter=2000,
     )
-    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (96,), 128  # small: one step per head
+    smaller(cfg)
     trainer = DistillTrainer(cfg)
     batch = degenerate_batch(cfg)
     trainer._trainer._data_loader_iter_obj = (copy.deepcopy(batch) for _ in itertools.count())
@@ -116,7 +125,7 @@ def test_check_finite_losses_names_the_terms():
 
 
 def test_nan_term_stops_training_and_keeps_last_good_checkpoint(tmp_path, teacher_r18_weights):
-    cfg = distill_cfg(FITNET, tmp_path, teacher_r18_weights, max_iter=3)
+    cfg = smaller(distill_cfg(FITNET, tmp_path, teacher_r18_weights, max_iter=3))
     cfg.SOLVER.CHECKPOINT_PERIOD = 1
     trainer = DistillTrainer(cfg)
     trainer.resume_or_load(resume=False)
@@ -187,7 +196,7 @@ class _Counter(HookBase):
 
 
 def test_resume_restores_optimizer_scheduler_iteration_and_head_state(tmp_path, teacher_r18_weights):
-    cfg = distill_cfg(FITNET, tmp_path, teacher_r18_weights, max_iter=2)
+    cfg = smaller(distill_cfg(FITNET, tmp_path, teacher_r18_weights, max_iter=2))
     cfg.SOLVER.STEPS, cfg.SOLVER.GAMMA = (1,), 0.5  # an LR decay inside the first run
     first = DistillTrainer(cfg)
     first.heads["fitnet"].register_buffer("robust_probe", torch.zeros(2))
@@ -224,9 +233,10 @@ def test_resume_restores_optimizer_scheduler_iteration_and_head_state(tmp_path, 
 
 
 def test_teacher_is_evaluated_once_and_reported_beside_the_student(tmp_path, teacher_r18_weights, monkeypatch):
-    register_subset_dataset("robust_bccd_test_2", "bccd_test", 2)
+    register_subset_dataset("robust_bccd_test_1", "bccd_test", 1)
     cfg = distill_cfg(FITNET, tmp_path, teacher_r18_weights, opts=["DISTILL.EVAL_TEACHER", True], max_iter=2)
-    cfg.DATASETS.TEST = ("robust_bccd_test_2",)
+    smaller(cfg)
+    cfg.DATASETS.TEST = ("robust_bccd_test_1",)
     cfg.TEST.EVAL_PERIOD = 1
     calls = []
     original = DistillTrainer.test_teacher.__func__
