@@ -200,6 +200,7 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
     try:
         model.train()
         with EventStorage(iteration):
+            _run_head_hooks_before_train(trainer, iteration, log)
             loss_dict = trainer.model(batch)
             total = sum(loss_dict.values())
             trainer.optimizer.zero_grad()
@@ -222,6 +223,25 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
     elif distilling:
         log("    teacher AP not measured (DATASETS.TEST empty or --check-images 0).")
     return _finish(report, log)
+
+
+def _run_head_hooks_before_train(trainer, iteration, log):
+    """
+    ``before_train`` of the hooks that are not Detectron2's (the heads' own, e.g. GKD's
+    prototype generation), so the step sees the state training would start from.
+    """
+    from .hooks import NonFiniteLossGuard
+
+    own = [
+        h for h in getattr(trainer, "_hooks", [])
+        if not type(h).__module__.startswith("detectron2") and not isinstance(h, NonFiniteLossGuard)
+    ]
+    if not own:
+        return
+    trainer.iter = iteration
+    for h in own:
+        log(f"    running {type(h).__name__}.before_train ...")
+        h.before_train()
 
 
 class _RecordTap:

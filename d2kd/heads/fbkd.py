@@ -8,7 +8,6 @@ methods.md section 2.
 from typing import Dict, List, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
 from torch import nn
 
@@ -268,23 +267,25 @@ class FBKD(DistillHead):
         terms: Dict[str, torch.Tensor] = {}
         for name in self.pairing.names:
             s = self.pairing.student_feature(student, name)
-            t = self.pairing.teacher_feature(teacher, name).detach()
-            s_aligned = s
-            if tuple(s.shape[-2:]) != tuple(t.shape[-2:]):
-                s_aligned = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
-            for term, value in self.level_terms(name, s, s_aligned, t):
+            t_full = self.pairing.teacher_feature(teacher, name).detach()
+            s_aligned, t = self.pairing.match_extent(name, s, t_full)
+            adapted = self.pairing.align(name, s, t_full)[0] if self.am_enabled else None
+            for term, value in self.level_terms(name, adapted, s_aligned, t):
                 terms[f"{name}_{term}"] = value
         return terms
 
-    def level_terms(self, name: str, s: torch.Tensor, s_aligned: torch.Tensor, t: torch.Tensor) -> List:
-        """The weighted terms of one level: ``[(term, value), ...]``."""
+    def level_terms(self, name: str, adapted: torch.Tensor, s_aligned: torch.Tensor, t: torch.Tensor) -> List:
+        """
+        The weighted terms of one level: ``[(term, value), ...]``, from the adapted student
+        map, the raw student map on the teacher's grid, and the teacher map.
+        """
         out = []
         code = self.form == "code"
         if self.am_enabled:
             mask = fbkd_spatial_mask(s_aligned, t, self.spatial_temperature, self.form)[:, None]
             if self.channel_mask:
                 mask = mask * fbkd_channel_mask(s_aligned, t, self.channel_temperature, self.form)[:, :, None, None]
-            weighted = (t - self.pairing.adapters[name](s, size=t.shape[-2:])) * mask.sqrt()
+            weighted = (t - adapted) * mask.sqrt()
             am = _frobenius(weighted) if code else _per_image_distance(weighted, "norm")
             out.append(("am", self.am_weight * am))
         if self.at_enabled:

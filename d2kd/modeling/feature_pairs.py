@@ -9,6 +9,7 @@ the shapes the two models report, before the optimizer is created.
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..capture import feature_shapes, feature_source
@@ -110,18 +111,33 @@ class FeaturePairing(nn.Module):
     def align(self, name: str, student_map: torch.Tensor, teacher_map: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         ``(adapted student map, teacher map)`` of pair ``name``, of equal size, cell for cell
-        over the same image extent. With ``teacher_input_scale`` 1 the adapted student map is
-        resized to the teacher's (its size when the strides agree). Otherwise the two batches
-        were padded separately (each to its own size divisibility, after the teacher's resize),
-        so the maps span different extents of the image: the student map is resized to the
-        teacher cells spanning the same pixels, and both are cut to the extent they share
-        (top-left aligned, as the images are). For heads that read the maps themselves.
+        over the same image extent (the adapter runs before the resize). See ``match_extent``.
         """
-        if self.teacher_input_scale == 1.0:
-            return self.adapters[name](student_map, size=teacher_map.shape[-2:]), teacher_map
-        size = self.corresponding_size(name, student_map.shape[-2:])
-        h, w = min(size[0], teacher_map.shape[-2]), min(size[1], teacher_map.shape[-1])
+        size, (h, w) = self._target_size(name, student_map, teacher_map)
         return self.adapters[name](student_map, size=size)[..., :h, :w], teacher_map[..., :h, :w]
+
+    def match_extent(self, name: str, student_map: torch.Tensor, teacher_map: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        ``(un-adapted student map, teacher map)`` of equal size over the same image extent,
+        for heads that read the raw student map (attention, non-local blocks). With
+        ``teacher_input_scale`` 1 the student map is resized to the teacher's (its size when
+        the strides agree). Otherwise the two batches were padded separately (each to its own
+        size divisibility, after the teacher's resize), so the maps span different extents of
+        the image: the student map is resized to the teacher cells spanning the same pixels,
+        and both are cut to the extent they share (top-left aligned, as the images are).
+        """
+        size, (h, w) = self._target_size(name, student_map, teacher_map)
+        if tuple(student_map.shape[-2:]) != tuple(size):
+            student_map = F.interpolate(student_map, size=size, mode="bilinear", align_corners=False)
+        return student_map[..., :h, :w], teacher_map[..., :h, :w]
+
+    def _target_size(self, name, student_map, teacher_map):
+        if self.teacher_input_scale == 1.0:
+            size = tuple(teacher_map.shape[-2:])
+        else:
+            size = self.corresponding_size(name, student_map.shape[-2:])
+        shared = (min(size[0], teacher_map.shape[-2]), min(size[1], teacher_map.shape[-1]))
+        return size, shared
 
     def corresponding_size(self, name: str, student_hw) -> Tuple[int, int]:
         """The number of teacher cells spanning the pixels a student map of ``student_hw`` spans."""
