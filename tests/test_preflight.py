@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -61,13 +62,15 @@ def cli_args(config, output_dir, teacher_weights, extra_opts=(), **flags):
 # ---------------------------------------------------------------------------------------
 
 
-def test_check_prints_captures_adapters_losses_and_teacher_ap(tmp_path, teacher_r18_weights, capsys):
+def test_check_prints_captures_adapters_losses_and_teacher_ap(tmp_path, teacher_r18_weights, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the check's own folder goes
     out = tmp_path / "run"
     args = cli_args(FITNET, out, teacher_r18_weights, ["DATASETS.TEST", "('bccd_test',)"], check=True, check_images=2)
     report = train_net.main(args)
     text = capsys.readouterr().out
 
     assert report.ok and not out.exists(), "the check never writes into OUTPUT_DIR"
+    assert not list(tmp_path.glob("d2kd_check_*")), "a passed check removes its temporary folder"
     for phase in ("[check 1/4] building", "[check 2/4] reading one training batch",
                   "[check 3/4] one training step", "[check 4/4] evaluating the teacher on the first 2 images"):
         assert phase in text
@@ -97,7 +100,8 @@ def test_check_fails_on_a_non_finite_term(tmp_path, teacher_r18_weights, monkeyp
     assert "CHECK FAILED" in capsys.readouterr().out
 
 
-def test_check_exits_non_zero_with_the_message(tmp_path, teacher_r18_weights, capsys):
+def test_check_exits_non_zero_with_the_message(tmp_path, teacher_r18_weights, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     args = cli_args(FITNET, tmp_path / "run", teacher_r18_weights, ["DISTILL.HEADS", "['fitnett']"], check=True)
     with pytest.raises(SystemExit) as e:
         train_net.main(args)
@@ -105,6 +109,7 @@ def test_check_exits_non_zero_with_the_message(tmp_path, teacher_r18_weights, ca
     text = capsys.readouterr().out
     assert "ERROR: building the trainer: DistillConfigError: Unknown distillation head 'fitnett'" in text
     assert "CHECK FAILED" in text
+    assert len(list(tmp_path.glob("d2kd_check_*"))) == 1, "a failed check keeps its log for inspection"
 
 
 def test_describe_shapes():

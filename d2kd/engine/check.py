@@ -18,6 +18,8 @@ beside the detector losses, and head parameters without gradient are warnings.
 """
 
 import logging
+import os
+import shutil
 import time
 import traceback
 from collections import OrderedDict
@@ -195,8 +197,9 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
 
     # 3. One training forward and backward, no update.
     iteration = max(int(cfg.DISTILL.WARMUP_ITERS), 0) if distilling else 0
-    printer.phase(f"one training step without update (at iteration {iteration}, distillation on)")
-    recorded = _capture_records(model)
+    when = f"at iteration {iteration}, distillation on" if distilling else "plain detector"
+    printer.phase(f"one training step without update ({when})")
+    recorded = _RecordTap(model)
     try:
         model.train()
         with EventStorage(iteration):
@@ -271,10 +274,6 @@ class _RecordTap:
             if "pop" in vars(recorder):
                 del recorder.pop
         self._patched = []
-
-
-def _capture_records(model):
-    return _RecordTap(model)
 
 
 def _report_captures(report, tap, log):
@@ -352,9 +351,6 @@ def _report_losses(report, loss_dict, log):
 
 
 def _check_teacher_ap(report, trainer, cfg, num_images, printer, log, fail):
-    import os
-    import shutil
-
     from ..data.subset import register_subset_dataset
 
     source = cfg.DATASETS.TEST[0]
