@@ -28,6 +28,7 @@ import tempfile
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from d2kd import DistillTrainer, get_distill_cfg, register_bccd
 from d2kd.engine.checkpoint import atomic_write_bytes
@@ -50,6 +51,8 @@ def setup(args):
         check_output_dir(cfg, overwrite=getattr(args, "overwrite", False))
     cfg.freeze()
     default_setup(cfg, args)
+    # d2kd's own log lines (teacher loading, heads, prototype progress) next to Detectron2's.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2kd", abbrev_name="d2kd")
     return cfg
 
 

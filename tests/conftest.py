@@ -54,8 +54,9 @@ def load_test_cfg(config_path, output_dir, opts=(), max_iter=2):
     """A repository config (relative to configs/) shrunk for tests."""
     cfg = get_distill_cfg()
     cfg.merge_from_file(os.path.join(CONFIGS, config_path))
-    cfg.merge_from_list(list(opts))
-    return shrink_for_tests(cfg, output_dir, max_iter)
+    shrink_for_tests(cfg, output_dir, max_iter)
+    cfg.merge_from_list(list(opts))  # after shrinking, so a test's options win
+    return cfg
 
 
 def save_random_checkpoint(config_path, path, opts=()):

@@ -69,16 +69,17 @@ def test_bccd_splits_load_with_positive_area_boxes():
         ids = [line.split()[0] for line in f if line.strip()]
     assert len(dicts) == len(ids) == 292
     assert MetadataCatalog.get("bccd_trainval").thing_classes == list(BCCD_CLASSES)
-    # Count the boxes straight from the XML files. VOC pixels are 1-based and inclusive, so
-    # xmin == xmax is a 1-pixel-wide box (BCCD has two such boxes, kept as 1x1 px boxes).
-    expected, one_pixel = 0, 0
+    # Count the boxes straight from the XML files. BCCD's two zero-area boxes (xmin == xmax,
+    # ymin == ymax as annotated; SOURCE.md lists them as defects) are dropped.
+    expected, degenerate = 0, 0
     for i in ids:
         for obj in ET.parse(os.path.join(root, "Annotations", i + ".xml")).findall("object"):
             b = [float(obj.find("bndbox").find(t).text) for t in ("xmin", "ymin", "xmax", "ymax")]
-            if b[2] >= b[0] and b[3] >= b[1]:
+            if b[2] > b[0] and b[3] > b[1]:
                 expected += 1
-                one_pixel += b[2] == b[0] and b[3] == b[1]
-    assert one_pixel == 2
+            else:
+                degenerate += 1
+    assert degenerate == 2
     assert sum(len(d["annotations"]) for d in dicts) == expected
     for d in dicts:
         for a in d["annotations"]:

@@ -46,10 +46,6 @@ def _parse_box(obj, anno_file: str) -> List[float]:
         raise DatasetFormatError(
             f"{anno_file}: <bndbox> needs numeric xmin, ymin, xmax, ymax ({e})."
         ) from e
-    # VOC coordinates are 1-based inclusive pixel indices; Detectron2 uses 0-based
-    # continuous coordinates (the same convention as detectron2's own VOC loader).
-    box[0] -= 1.0
-    box[1] -= 1.0
     return box
 
 
@@ -82,11 +78,15 @@ def _parse_annotation(
                 f"{list(class_names)}. Pass the full class list when registering the dataset."
             )
         box = _parse_box(obj, anno_file)
+        # Degenerate boxes (xmax <= xmin or ymax <= ymin as annotated; BCCD has two) are dropped.
         if box[2] <= box[0] or box[3] <= box[1]:
             logger.warning(f"{anno_file}: dropping a zero-area box {box} of class {name}.")
             continue
+        # VOC coordinates are 1-based inclusive pixel indices; Detectron2 uses 0-based
+        # continuous coordinates (the same convention as detectron2's own VOC loader).
+        box = [box[0] - 1.0, box[1] - 1.0, box[2], box[3]]
         difficult_node = obj.find("difficult")
-        is_crowd = int(difficult_node.text) if difficult_node is not None and difficult_node.text else 0
+        difficult = int(difficult_node.text) if difficult_node is not None and difficult_node.text else 0
         annotations.append(
             {
                 "category_id": list(class_names).index(name),
@@ -95,7 +95,7 @@ def _parse_annotation(
                 # VOC "difficult" objects are kept for training, as Detectron2 does;
                 # the COCO evaluator ignores them like crowd regions.
                 "iscrowd": 0,
-                "difficult": is_crowd,
+                "difficult": difficult,
             }
         )
     return {
