@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 
 from d2kd import get_distill_cfg, register_bccd
@@ -98,3 +99,26 @@ def distill_cfg(config_path, output_dir, teacher_weights, teacher_config="bccd/s
         "INPUT.MIN_SIZE_TEST", 128, "INPUT.MAX_SIZE_TEST", 192,
     ]
     return cfg
+
+
+class _FakeFPNBackbone(torch.nn.Module):
+    """Reports FPN shapes p2 (stride 4) and p3 (stride 8) of ``channels`` channels; no weights."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = channels
+
+    def output_shape(self):
+        return {"p2": ShapeSpec(channels=self.channels, stride=4), "p3": ShapeSpec(channels=self.channels, stride=8)}
+
+
+def fake_fpn_context(student_channels, teacher_channels):
+    """A BuildContext of two shape-only FPN models, for building feature heads in unit tests."""
+    from d2kd.heads import BuildContext
+
+    def model(channels):
+        m = torch.nn.Module()
+        m.backbone = _FakeFPNBackbone(channels)
+        return m
+
+    return BuildContext(model(student_channels), model(teacher_channels), None, None)

@@ -5,11 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
-from torch import nn
 
 from d2kd import DistillTrainer, get_distill_cfg
 from d2kd.capture import Records
@@ -23,6 +21,7 @@ from d2kd.losses import (
 )
 
 from conftest import distill_cfg, load_test_cfg
+from conftest import fake_fpn_context
 
 FULL = "bccd/distill_chen2017_R50_R18.yaml"
 
@@ -137,19 +136,6 @@ def test_teacher_bound_is_per_sample_on_the_whole_vector():
 
 
 # ---------------------------------------------------------------------------- hints
-class _FakeBackbone(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.channels = channels
-
-    def output_shape(self):
-        return {"p2": ShapeSpec(channels=self.channels, stride=4), "p3": ShapeSpec(channels=self.channels, stride=8)}
-
-
-class _FakeModel(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.backbone = _FakeBackbone(channels)
 
 
 def _hint_only_cfg(adapter):
@@ -162,7 +148,7 @@ def _hint_only_cfg(adapter):
 
 
 def test_hint_without_adapter_is_gamma_times_mean_squared_error():
-    head = Chen2017(_hint_only_cfg(False), BuildContext(_FakeModel(3), _FakeModel(3), None, None))
+    head = Chen2017(_hint_only_cfg(False), fake_fpn_context(3, 3))
     assert len(list(head.parameters())) == 0 and head.teacher_parts == {"backbone"}
     rng = np.random.default_rng(0)
     s = {k: rng.normal(size=(2, 3, 4, 4)) for k in ("p2", "p3")}
@@ -175,7 +161,7 @@ def test_hint_without_adapter_is_gamma_times_mean_squared_error():
 
 
 def test_hint_with_adapter_regresses_adapted_student():
-    head = Chen2017(_hint_only_cfg(True), BuildContext(_FakeModel(3), _FakeModel(5), None, None)).double()
+    head = Chen2017(_hint_only_cfg(True), fake_fpn_context(3, 5)).double()
     rng = np.random.default_rng(1)
     s = rng.normal(size=(2, 3, 4, 4))
     t = rng.normal(size=(2, 5, 4, 4))
@@ -192,7 +178,7 @@ def test_hint_with_adapter_regresses_adapted_student():
 
 def test_hint_without_adapter_needs_equal_channels():
     with pytest.raises(ValueError, match="adapter is disabled.*3 channels.*teacher 5"):
-        Chen2017(_hint_only_cfg(False), BuildContext(_FakeModel(3), _FakeModel(5), None, None))
+        Chen2017(_hint_only_cfg(False), fake_fpn_context(3, 5))
 
 
 # ---------------------------------------------------------------------------- RPN / RCN wiring

@@ -10,43 +10,28 @@ import os
 import numpy as np
 import pytest
 import torch
-from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
 from d2kd import DistillTrainer, get_distill_cfg
 from d2kd.capture import Records
-from d2kd.heads import BuildContext, DistillConfigError, StepInputs
+from d2kd.heads import DistillConfigError, StepInputs
 from d2kd.heads.cwd import CWD, channel_wise_divergence
 from d2kd.heads.fbkd import FBKD, fbkd_channel_mask, fbkd_spatial_mask
 from d2kd.modeling.attention import channel_attention, spatial_attention
 from d2kd.modeling.non_local import NonLocalBlock
 
 from conftest import CONFIGS, distill_cfg
+from conftest import fake_fpn_context
 
 # ---------------------------------------------------------------------------------------------
 # Toy models and numpy references
 # ---------------------------------------------------------------------------------------------
 
 
-class _FakeBackbone(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.channels = channels
-
-    def output_shape(self):
-        return {"p2": ShapeSpec(channels=self.channels, stride=4), "p3": ShapeSpec(channels=self.channels, stride=8)}
 
 
-class _FakeModel(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.backbone = _FakeBackbone(channels)
-
-
-def _context(s_ch, t_ch):
-    return BuildContext(_FakeModel(s_ch), _FakeModel(t_ch), None, None)
 
 
 def _records(features):
@@ -265,7 +250,7 @@ def _expected_code_level(head, name, s, t):
 
 def test_fbkd_code_form_terms_golden_with_different_widths():
     gen = torch.Generator().manual_seed(0)
-    head = FBKD(_fbkd_cfg(), _context(3, 4))
+    head = FBKD(_fbkd_cfg(), fake_fpn_context(3, 4))
     _activate_non_local(head, gen)
     s, t = _features(gen, 3), _features(gen, 4)
     out = head(_records(s), _records(t), _step())
@@ -281,7 +266,7 @@ def test_fbkd_code_form_terms_golden_with_different_widths():
 
 def test_fbkd_code_form_channel_mask_option():
     gen = torch.Generator().manual_seed(3)
-    head = FBKD(_fbkd_cfg(CHANNEL_MASK=True, AT__ENABLED=False, NLD__ENABLED=False), _context(3, 3))
+    head = FBKD(_fbkd_cfg(CHANNEL_MASK=True, AT__ENABLED=False, NLD__ENABLED=False), fake_fpn_context(3, 3))
     s, t = _features(gen, 3), _features(gen, 3)
     out = head(_records(s), _records(t), _step())
     assert set(out) == {"p2_am", "p3_am"}
@@ -308,7 +293,7 @@ def test_fbkd_code_form_channel_mask_option():
 def test_fbkd_paper_form_terms_golden(distance):
     gen = torch.Generator().manual_seed(2)
     cfg = _fbkd_cfg(FORM="paper", CHANNEL_MASK=True, PAPER_DISTANCE=distance, SPATIAL_TEMPERATURE=0.7, CHANNEL_TEMPERATURE=0.3)
-    head = FBKD(cfg, _context(3, 3))
+    head = FBKD(cfg, fake_fpn_context(3, 3))
     assert not hasattr(head, "channel_adapters")  # the paper's AT has no adapters
     _activate_non_local(head, gen)
     s, t = _features(gen, 3), _features(gen, 3)
@@ -339,7 +324,7 @@ def test_fbkd_paper_form_terms_golden(distance):
 
 def test_fbkd_code_form_zero_for_a_perfect_student():
     """Identity adapters and identical features: every code-form term is 0 (and its gradient finite)."""
-    head = FBKD(_fbkd_cfg(NLD__ENABLED=False), _context(2, 2))
+    head = FBKD(_fbkd_cfg(NLD__ENABLED=False), fake_fpn_context(2, 2))
     for adapter in head.pairing.adapters.values():
         adapter.conv.weight.data = torch.eye(2)[:, :, None, None]
         adapter.conv.bias.data.zero_()
@@ -360,7 +345,7 @@ def test_fbkd_code_form_zero_for_a_perfect_student():
 
 def test_fbkd_no_gradient_to_teacher_but_nl_t_trains():
     gen = torch.Generator().manual_seed(5)
-    head = FBKD(_fbkd_cfg(), _context(3, 3))  # non-local blocks at their identity init
+    head = FBKD(_fbkd_cfg(), fake_fpn_context(3, 3))  # non-local blocks at their identity init
     s = {k: v.requires_grad_(True) for k, v in _features(gen, 3).items()}
     t = {k: v.requires_grad_(True) for k, v in _features(gen, 3).items()}  # as if not detached
     out = head(_records(s), _records(t), _step())
@@ -385,7 +370,7 @@ def test_fbkd_no_gradient_to_teacher_but_nl_t_trains():
 )
 def test_fbkd_ablations_build_only_what_they_use(switches, terms, modules):
     gen = torch.Generator().manual_seed(6)
-    head = FBKD(_fbkd_cfg(**switches), _context(3, 4))
+    head = FBKD(_fbkd_cfg(**switches), fake_fpn_context(3, 4))
     built = {n for n, m in head.named_children() if len(list(m.parameters()))}
     assert built == modules
     out = head(_records(_features(gen, 3)), _records(_features(gen, 4)), _step())
@@ -397,11 +382,11 @@ def test_fbkd_ablations_build_only_what_they_use(switches, terms, modules):
 def test_fbkd_inner_channels_scale_with_fpn_width():
     cfg = get_distill_cfg()
     cfg.DISTILL.FBKD.IN_FEATURES = ["p2", "p3"]
-    head = FBKD(cfg, _context(128, 128))
+    head = FBKD(cfg, fake_fpn_context(128, 128))
     # Official (64, 8) at P2 and (64, 4) at P3 for 256 channels; 128 channels -> C_i 32.
     assert [(b.inner_channels, b.pool_stride) for b in head.student_non_local.values()] == [(32, 8), (32, 4)]
     cfg.DISTILL.FBKD.NLD.SCALE_INNER_CHANNELS = False
-    head = FBKD(cfg, _context(128, 256))
+    head = FBKD(cfg, fake_fpn_context(128, 256))
     assert head.student_non_local["p2"].inner_channels == 64 and head.teacher_non_local["p3"].inner_channels == 64
 
 
@@ -420,7 +405,7 @@ def test_fbkd_inner_channels_scale_with_fpn_width():
 )
 def test_fbkd_bad_config_raises_at_build(opts, channels, match):
     with pytest.raises(DistillConfigError, match=match):
-        FBKD(_fbkd_cfg(**opts), _context(*channels))
+        FBKD(_fbkd_cfg(**opts), fake_fpn_context(*channels))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,7 +441,7 @@ def test_cwd_head_per_level_terms_and_adapter_only_when_widths_differ():
     cfg = get_distill_cfg()
     cfg.DISTILL.CWD.IN_FEATURES = ["p2", "p3"]
     cfg.DISTILL.CWD.TAU = 2.0
-    head = CWD(cfg, _context(3, 3))
+    head = CWD(cfg, fake_fpn_context(3, 3))
     assert len(list(head.parameters())) == 0  # equal widths: no adapter (mmrazor)
     s = {k: v.requires_grad_(True) for k, v in _features(gen, 3).items()}
     t = {k: v.requires_grad_(True) for k, v in _features(gen, 3).items()}
@@ -467,7 +452,7 @@ def test_cwd_head_per_level_terms_and_adapter_only_when_widths_differ():
     sum(out.values()).backward()
     assert all(v.grad is None for v in t.values()) and all(v.grad is not None for v in s.values())
 
-    head = CWD(cfg, _context(3, 4))  # widths differ: 1x1 conv adapters
+    head = CWD(cfg, fake_fpn_context(3, 4))  # widths differ: 1x1 conv adapters
     conv = head.pairing.adapters["p2"].conv
     assert conv.kernel_size == (1, 1) and conv.in_channels == 3 and conv.out_channels == 4
     s, t = _features(gen, 3), _features(gen, 4)
@@ -477,7 +462,7 @@ def test_cwd_head_per_level_terms_and_adapter_only_when_widths_differ():
 
     cfg.DISTILL.CWD.TAU = 0.0
     with pytest.raises(DistillConfigError, match="TAU must be > 0"):
-        CWD(cfg, _context(3, 3))
+        CWD(cfg, fake_fpn_context(3, 3))
 
 
 # ---------------------------------------------------------------------------------------------

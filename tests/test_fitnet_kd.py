@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from detectron2.layers import ShapeSpec
 from torch import nn
 
 from d2kd.capture import Records
@@ -11,6 +10,7 @@ from d2kd.heads.fitnet import FitNet
 from d2kd.heads.kd import KD
 from d2kd.losses import feature_mse, kd_kl_div
 from d2kd import get_distill_cfg
+from conftest import fake_fpn_context
 
 
 def test_kd_kl_div_matches_hand_formula():
@@ -55,32 +55,15 @@ def test_feature_mse_hand_value():
         feature_mse(s, t[..., :1])
 
 
-class _FakeBackbone(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.channels = channels
-
-    def output_shape(self):
-        return {"p2": ShapeSpec(channels=self.channels, stride=4), "p3": ShapeSpec(channels=self.channels, stride=8)}
 
 
-class _FakeModel(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.backbone = _FakeBackbone(channels)
-
-
-def _context(s_ch, t_ch):
-    from d2kd.heads import BuildContext
-
-    return BuildContext(_FakeModel(s_ch), _FakeModel(t_ch), None, None)
 
 
 def test_fitnet_head_per_level_terms_golden():
     cfg = get_distill_cfg()
     cfg.DISTILL.FITNET.IN_FEATURES = ["p2", "p3"]
     cfg.DISTILL.FITNET.WEIGHT = 0.5
-    head = FitNet(cfg, _context(2, 3))
+    head = FitNet(cfg, fake_fpn_context(2, 3))
     # Make the 1x1 adapter a known linear map: out = W x + b.
     W = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
     b = torch.tensor([0.0, 1.0, -1.0])
@@ -104,8 +87,8 @@ def test_fitnet_without_adapter_needs_equal_channels():
     cfg.DISTILL.FITNET.IN_FEATURES = ["p2"]
     cfg.DISTILL.FITNET.ADAPTER.ENABLED = False
     with pytest.raises(ValueError, match="adapter is disabled.*2 channels.*3"):
-        FitNet(cfg, _context(2, 3))
-    head = FitNet(cfg, _context(3, 3))
+        FitNet(cfg, fake_fpn_context(2, 3))
+    head = FitNet(cfg, fake_fpn_context(3, 3))
     s = torch.ones(1, 3, 2, 2)
     t = torch.zeros(1, 3, 2, 2)
     out = head(Records({"backbone": [((), {"p2": s})]}), Records({"backbone": [((), {"p2": t})]}), None)
