@@ -186,7 +186,6 @@ TWO_STAGE_ONLY = [
     ("chen2017", ["DISTILL.CHEN2017.STAGES", ["rcn"], "DISTILL.CHEN2017.HINT.ENABLED", False], "RoI box head"),
     ("chen2017", ["DISTILL.CHEN2017.STAGES", ["rpn"], "DISTILL.CHEN2017.HINT.ENABLED", False], "RPN"),
     ("defeat", ["DISTILL.DEFEAT.NECK_KD", False, "DISTILL.DEFEAT.IN_FEATURES", RETINA_LEVELS], "RoI box head"),
-    ("gkd", ["DISTILL.GKD.IN_FEATURES", RETINA_LEVELS], "RoI"),
 ]
 
 
@@ -199,6 +198,59 @@ def test_two_stage_methods_on_retinanet_are_build_time_errors(retina_pair, retin
     with pytest.raises(DistillConfigError, match=match) as info:
         build_distill_heads(cfg, BuildContext(student, teacher, cfg, teacher.d2kd_cfg))
     assert "RetinaNet" in str(info.value), "the error should name the detector that lacks the part"
+
+
+def test_gkd_on_retinanet_uses_positive_anchors(retina_pair, retina_models):
+    """GKD builds on two RetinaNets (response term on the dense head) and one training forward
+    (one image without ground truth) gives finite global, feature and response terms."""
+    cfg = _heads_cfg(retina_pair, ["gkd"], ["DISTILL.GKD.IN_FEATURES", RETINA_LEVELS])
+    student, teacher = retina_models
+    heads = build_distill_heads(cfg, BuildContext(student, teacher, cfg, teacher.d2kd_cfg))
+    head = heads["gkd"]
+    assert head.teacher_parts == {"backbone", "dense"} and "label_anchors" in head.student_methods
+    g = torch.Generator().manual_seed(0)
+    for level, name in enumerate(head.names):
+        s_protos, t_protos, _ = head.prototypes(name)
+        for cls in range(3):
+            head.set_prototypes(level, cls, torch.randn(s_protos.shape[1:], generator=g), torch.randn(t_protos.shape[1:], generator=g))
+    head.prototype_iter.fill_(0)
+    model = DistillationModel(student, teacher, heads, DistillSchedule.from_config(cfg))
+    # The fixture's student and teacher hold the same random weights: shift the teacher's class
+    # logits so that the response term on the positive anchors cannot be 0.
+    bias = teacher.head.cls_score.bias
+    saved = bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bias.add_(1.0)
+        losses = step(model, synthetic_batch())
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+        model.student_recorder.remove()
+        model.teacher_recorder.remove()
+    expected = {f"loss_kd_gkd_{kind}_{l}" for l in RETINA_LEVELS for kind in ("global", "feat")} | {"loss_kd_gkd_resp"}
+    assert expected <= set(losses), sorted(losses)
+    assert all(torch.isfinite(losses[k]) for k in expected), {k: float(losses[k]) for k in expected}
+    assert float(losses["loss_kd_gkd_resp"]) > 0
+    sum(losses[k] for k in expected).backward()
+    assert any(p.grad is not None for p in student.head.parameters())
+    student.zero_grad(set_to_none=True)
+
+
+def test_gkd_mixed_pair_needs_the_response_term_off(tmp_path, retina_models, teacher_r18_weights):
+    """A Faster R-CNN teacher has no dense head: the GKD response term is a build-time error
+    naming the fix; the global and feature terms alone work."""
+    opts = ["DISTILL.HEADS", ["gkd"], "DISTILL.GKD.IN_FEATURES", ["p3", "p4", "p5", "p6"]]
+    cfg = distill_cfg("bccd/distill_fitnet_FRCNN-R50_retinanet-R18.yaml", tmp_path, teacher_r18_weights, opts=opts)
+    student, _ = retina_models
+    teacher = build_teacher(cfg)
+    assert type(teacher).__name__ == "GeneralizedRCNN"
+    context = BuildContext(student, teacher, cfg, teacher.d2kd_cfg)
+    with pytest.raises(DistillConfigError, match=r"teacher \(GeneralizedRCNN\) has none.*RESPONSE_WEIGHT 0"):
+        build_distill_heads(cfg, context)
+    cfg.DISTILL.GKD.RESPONSE_WEIGHT = 0.0
+    head = build_distill_heads(cfg, context)["gkd"]
+    assert head.teacher_parts == {"backbone"} and not head.two_stage
 
 
 def test_densekd_needs_two_retinanets(tmp_path, retina_r18_weights, teacher_r18_weights):

@@ -1,7 +1,8 @@
 """
 Global Knowledge distillation (Tang et al., ECCV 2022; methods.md 3): PGM maths against
 independent numpy solutions, loss values against hand-written formulas, the DDP broadcast on
-two CPU processes, and a short BCCD run (prototypes, all terms, resume, empty images).
+two CPU processes, a short BCCD run (prototypes, all terms, resume, empty images), and the
+RetinaNet variant (response term on positive anchors against numpy, a short BCCD run).
 """
 
 import logging
@@ -18,7 +19,7 @@ from detectron2.utils.events import EventStorage
 from d2kd import DistillTrainer
 from d2kd.engine.prototype_hook import PrototypeHook, broadcast_tensors, gather_to_main, plan_pgm_instances
 from d2kd.heads import BuildContext, DistillConfigError
-from d2kd.heads.gkd import GKD, decoupled_feature_loss, global_knowledge_loss
+from d2kd.heads.gkd import GKD, decoupled_feature_loss, global_knowledge_loss, response_loss
 from d2kd.losses import kd_kl_div
 from d2kd.modeling.distiller import DistillationModel
 from d2kd.modeling.prototypes import (
@@ -31,9 +32,11 @@ from d2kd.modeling.prototypes import (
 )
 from d2kd.modeling.schedule import DistillSchedule
 
-from conftest import distill_cfg
+from conftest import distill_cfg, save_random_checkpoint
 
 GKD_TERMS = [f"{kind}_p{l}" for l in range(2, 7) for kind in ("global", "feat")] + ["resp"]
+RETINA_TERMS = [f"{kind}_p{l}" for l in range(3, 8) for kind in ("global", "feat")] + ["resp"]
+RETINA_STUDENT = "bccd/retinanet_R18_FPN_student.yaml"
 
 
 def _np_unit(x):
@@ -578,3 +581,188 @@ def test_head_terms_on_hand_made_records(gkd_run):
     log_p = torch.log_softmax(zs[0] / 2, 0).numpy()
     kl = (np.exp(log_q) * (log_q - log_p)).sum()
     assert float(terms["resp"]) == pytest.approx(5.0 * w_r * 4 * kl, rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# RetinaNet: the response term on positive anchors (issue 9)
+# --------------------------------------------------------------------------------------------
+def _np_log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _np_binary_kl(zs, zt, T):
+    """T^2 * sum_c KL(Bern(sigmoid(zt/T)) || Bern(sigmoid(zs/T))) per row."""
+    q, p = 1 / (1 + np.exp(-zt / T)), 1 / (1 + np.exp(-zs / T))
+    return T * T * (q * np.log(q / p) + (1 - q) * np.log((1 - q) / (1 - p))).sum(-1)
+
+
+def _np_softmax_kl(zs, zt, T):
+    lq, lp = _np_log_softmax(zt / T), _np_log_softmax(zs / T)
+    return T * T * (np.exp(lq) * (lq - lp)).sum(-1)
+
+
+def test_response_loss_values_binary_and_softmax():
+    rng = np.random.default_rng(8)
+    zs, zt, w, T = rng.normal(size=(4, 3)) * 2, rng.normal(size=(4, 3)) * 3, np.array([1.0, 0.2, 0.7, 0.0]), 2.0
+    student = torch.tensor(zs, requires_grad=True)
+    got = response_loss(student, torch.tensor(zt), torch.tensor(w), T, "binary")
+    assert float(got) == pytest.approx((w * _np_binary_kl(zs, zt, T)).mean(), rel=1e-6)
+    got.backward()
+    assert student.grad[:3].abs().sum() > 0 and float(student.grad[3].abs().sum()) == 0.0  # w = 0 row
+    got = response_loss(torch.tensor(zs), torch.tensor(zt), torch.tensor(w), T, "binary", class_mean=True)
+    assert float(got) == pytest.approx((w * _np_binary_kl(zs, zt, T) / 3).mean(), rel=1e-6)
+    got = response_loss(torch.tensor(zs), torch.tensor(zt), torch.tensor(w), T, "softmax")
+    assert float(got) == pytest.approx((w * _np_softmax_kl(zs, zt, T)).mean(), rel=1e-6)
+    got = response_loss(torch.tensor(zs), torch.tensor(zt), None, T, "softmax", class_mean=True)
+    assert float(got) == pytest.approx((_np_softmax_kl(zs, zt, T) / 3).mean(), rel=1e-6)
+    # A student equal to the teacher costs 0 in the binary form; no row gives 0.
+    assert float(response_loss(torch.tensor(zt), torch.tensor(zt), None, T, "binary")) == pytest.approx(0.0, abs=1e-12)
+    empty = response_loss(torch.zeros(0, 3, requires_grad=True), torch.zeros(0, 3), torch.zeros(0), T, "binary")
+    assert float(empty) == 0.0 and empty.requires_grad
+
+
+@pytest.fixture(scope="module")
+def gkd_retina_run(tmp_path_factory):
+    """2 iterations of the RetinaNet GKD config (R18 RetinaNet teacher, random weights)."""
+    out = tmp_path_factory.mktemp("gkd_retina")
+    weights = save_random_checkpoint(RETINA_STUDENT, str(out / "teacher.pth"))
+    cfg = distill_cfg(
+        "bccd/distill_gkd_retinanet_R50_R18.yaml", out / "run", weights, teacher_config=RETINA_STUDENT, opts=PGM_TINY
+    )
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return cfg, trainer
+
+
+def test_retinanet_short_bccd_run_all_terms_finite(gkd_retina_run):
+    cfg, trainer = gkd_retina_run
+    assert list(cfg.DISTILL.GKD.IN_FEATURES) == ["p3", "p4", "p5", "p6", "p7"] and cfg.DISTILL.GKD.ANCHOR_KL == "binary"
+    assert type(trainer.student).__name__ == type(trainer.teacher).__name__ == "RetinaNet"
+    assert sorted(trainer.model.teacher_runner.parts) == ["backbone", "dense"]
+    for term in RETINA_TERMS:
+        values = [v for v, _ in trainer.storage.history(f"loss_kd_gkd_{term}").values()]
+        assert len(values) == 2 and all(math.isfinite(v) for v in values), (term, values)
+    assert all(v > 0 for v, _ in trainer.storage.history("loss_kd_gkd_resp").values())
+    assert any(v > 0 for v, _ in trainer.storage.history("loss_kd_gkd_feat_p3").values())
+    head = trainer.heads["gkd"]
+    assert _hook(trainer).num_updates == 1 and head.prototype_valid.all()
+    assert head.prototypes("p7")[0].shape == (3, 10, 128)
+    for key in ("gkd/robust_weight_resp", "gkd/robust_weight_feat"):
+        assert 0.0 <= trainer.storage.history(key).latest() <= 1.0
+
+    # Images without ground truth: no positive anchor, no instance -> every term is 0.
+    batch = next(iter(trainer.data_loader))
+    for x in batch:
+        x["instances"] = x["instances"][:0]
+    trainer.model.train()
+    with EventStorage(2):
+        losses = trainer.model(batch)
+    terms = {k: v for k, v in losses.items() if k.startswith("loss_kd_gkd")}
+    assert set(terms) == {f"loss_kd_gkd_{t}" for t in RETINA_TERMS}
+    assert all(float(v) == 0.0 for v in terms.values()), {k: float(v) for k, v in terms.items()}
+    sum(losses.values()).backward()
+    trainer.student.zero_grad(set_to_none=True)
+
+
+def _retina_head(cfg, trainer, opts):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.merge_from_list(["DISTILL.GKD.GLOBAL_WEIGHT", 0.0, "DISTILL.GKD.FEATURE_WEIGHT", 0.0] + list(opts))
+    return GKD(cfg, BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher.d2kd_cfg))
+
+
+def test_anchor_response_on_hand_made_records(gkd_retina_run):
+    """The RetinaNet response term (positive anchors, matched GT's Eq. 8 weight, binary KL,
+    1 / #positive anchors) on hand-made records, against numpy."""
+    from d2kd.capture import Records
+    from d2kd.heads import StepInputs
+
+    cfg, trainer = gkd_retina_run
+    head = _retina_head(cfg, trainer, [])
+    assert head.response_weight == 5.0 and head.temperature == 2.0 and head.anchor_kl == "binary"
+    g = torch.Generator().manual_seed(1)
+    c, k, n_cls = 128, 10, 3
+    for level in range(5):
+        for cls in range(n_cls):
+            head.set_prototypes(level, cls, torch.randn(k, c, generator=g), torch.randn(k, c, generator=g))
+    head.prototype_iter.fill_(0)
+    # Two images; p3..p7 maps of a 64 x 64 input (strides 8..128), one anchor per cell.
+    sizes = {"p3": 8, "p4": 4, "p5": 2, "p6": 1, "p7": 1}
+    fs = {n: torch.randn(2, c, s, s, generator=g) for n, s in sizes.items()}
+    ft = {n: torch.randn(2, c, s, s, generator=g) for n, s in sizes.items()}
+    zs = {n: torch.randn(2, n_cls, s, s, generator=g) * 2 for n, s in sizes.items()}
+    zt = {n: torch.randn(2, n_cls, s, s, generator=g) * 3 for n, s in sizes.items()}
+    deltas = [torch.zeros(2, 4, s, s) for s in sizes.values()]
+    num_anchors = 64 + 16 + 4 + 1 + 1
+    # GT instances of image 0 (box, class). A and C are small (p3); B is ~245 px (p4).
+    gt = {"A": ([4.0, 4.0, 40.0, 36.0], 0), "B": ([0.0, 0.0, 250.0, 240.0], 2), "C": ([10.0, 20.0, 50.0, 60.0], 0)}
+    positives = {5: "A", 20: "A", 40: "C", 70: "B", 75: "B", 84: "B"}  # anchor index -> GT (64..79: p4, 84: p6)
+    labels = torch.full((2, num_anchors), n_cls, dtype=torch.long)  # background
+    labels[0, [1, 2, 60]] = -1  # ignored
+    labels[1, [0, 9]] = -1  # image 1: no positive anchor
+    matched = torch.rand(2, num_anchors, 4, generator=g) * 64  # meaningless where not positive
+    for a, name in positives.items():
+        labels[0, a] = gt[name][1]
+        matched[0, a] = torch.tensor(gt[name][0])
+    student = Records({
+        "backbone": [((), fs)],
+        "head": [((), ([zs[n] for n in sizes], deltas))],
+        "label_anchors": [((), (list(labels), list(matched)))],
+    })
+    teacher = Records({"backbone": [((), ft)], "head": [((), ([zt[n] for n in sizes], deltas))]})
+    step_inputs = StepInputs([], [], None, None, iteration=0)
+
+    # numpy: logits flattened level by level, then (y, x) row-major.
+    flat_s = np.concatenate([zs[n].numpy().transpose(0, 2, 3, 1).reshape(2, -1, n_cls) for n in sizes], 1)
+    flat_t = np.concatenate([zt[n].numpy().transpose(0, 2, 3, 1).reshape(2, -1, n_cls) for n in sizes], 1)
+    # Eq. 8 of each GT at its assigned level, windows [floor(x1/s), floor(x2/s)+1) clipped:
+    # A at p3 (stride 8): x 0..5, y 0..4; C at p3: x 1..6, y 2..7; B at p4 (stride 16): all 4x4.
+    windows = {"A": ("p3", 0, 5, 0, 6), "C": ("p3", 2, 8, 1, 7), "B": ("p4", 0, 4, 0, 4)}
+
+    def eq8(name):
+        level, y0, y1, x0, x1 = windows[name]
+        cls = gt[name][1]
+        f_s = fs[level][0, :, y0:y1, x0:x1].numpy().mean((1, 2))
+        f_t = ft[level][0, :, y0:y1, x0:x1].numpy().mean((1, 2))
+        p_s, p_t, _ = (x.numpy() for x in head.prototypes(level))
+        return 1 - abs((_np_unit(p_s[cls]) @ _np_unit(f_s)).max() - (_np_unit(p_t[cls]) @ _np_unit(f_t)).max())
+
+    w_gt = {name: eq8(name) for name in gt}
+    assert len({round(v, 6) for v in w_gt.values()}) == 3, w_gt  # the weights tell the GTs apart
+    anchors = sorted(positives)
+    w = np.array([w_gt[positives[a]] for a in anchors])
+    rows_s, rows_t = flat_s[0, anchors], flat_t[0, anchors]
+
+    terms = head(student, teacher, step_inputs)
+    assert set(terms) == {"resp"}
+    expected = 5.0 * (w * _np_binary_kl(rows_s, rows_t, 2.0)).sum() / len(anchors)
+    assert float(terms["resp"]) == pytest.approx(expected, rel=1e-5)
+
+    # Gradients reach exactly the positive anchors' student logits.
+    zs_grad = {n: zs[n].clone().requires_grad_() for n in sizes}
+    student_grad = Records({
+        "backbone": [((), fs)],
+        "head": [((), ([zs_grad[n] for n in sizes], deltas))],
+        "label_anchors": [((), (list(labels), list(matched)))],
+    })
+    head(student_grad, teacher, step_inputs)["resp"].backward()
+    grads = np.concatenate([zs_grad[n].grad.numpy().transpose(0, 2, 3, 1).reshape(2, -1, n_cls) for n in sizes], 1)
+    assert sorted(np.nonzero(np.abs(grads).sum(-1)[0])[0].tolist()) == anchors and not grads[1].any()
+
+    # The released code's softmax over the sigmoid logits, with its mean over classes.
+    soft = _retina_head(cfg, trainer, ["DISTILL.GKD.ANCHOR_KL", "softmax", "DISTILL.GKD.KL_CLASS_MEAN", True])
+    soft.load_state_dict(head.state_dict())
+    expected = 5.0 * (w * _np_softmax_kl(rows_s, rows_t, 2.0) / n_cls).mean()
+    assert float(soft(student, teacher, step_inputs)["resp"]) == pytest.approx(expected, rel=1e-5)
+    # Without robust weights every positive anchor counts 1.
+    plain = _retina_head(cfg, trainer, ["DISTILL.GKD.ROBUST_WEIGHTS", False, "DISTILL.GKD.GLOBAL_WEIGHT", 0.0])
+    expected = 5.0 * _np_binary_kl(rows_s, rows_t, 2.0).mean()
+    assert float(plain(student, teacher, step_inputs)["resp"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_retinanet_bad_anchor_kl_is_a_build_error(gkd_retina_run):
+    cfg, trainer = gkd_retina_run
+    with pytest.raises(DistillConfigError, match="ANCHOR_KL must be one of"):
+        _retina_head(cfg, trainer, ["DISTILL.GKD.ANCHOR_KL", "sigmoid"])

@@ -1,7 +1,9 @@
-"""Global Knowledge distillation: prototypes (PGM) + robust distillation (RDM) (methods.md 3)."""
+"""Global Knowledge distillation: prototypes (PGM) + robust distillation (RDM) (methods.md 3).
+
+Two-stage (FPN Faster R-CNN) and one-stage (RetinaNet) students; see :class:`GKD`."""
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,19 +14,22 @@ from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 
 from ..capture import feature_shapes
-from ..losses import kd_kl_div
+from ..losses import binary_kd_div, kd_kl_div
 from ..losses.imitation import weighted_imitation_loss
-from ..modeling.box_masks import assign_boxes_to_levels, box_value_mask
+from ..modeling.box_masks import assign_boxes_to_levels, box_value_mask, gt_boxes_of
 from ..modeling.feature_pairs import add_feature_pairing_config, feature_pairing_from_config
 from ..modeling.prototypes import box_average_pool, cosine_projection, mp_projection, robust_weights
 from ..modeling.schedule import DistillSchedule
 from .base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
+from .dense_outputs import DenseOutputsMixin, is_dense_detector
 from .roi_logits import SAMPLED_PROPOSALS, RoILogitsMixin
 
-__all__ = ["GKD", "global_knowledge_loss", "decoupled_feature_loss"]
+__all__ = ["GKD", "global_knowledge_loss", "decoupled_feature_loss", "response_loss"]
 
 BOX_POOLER = "roi_heads.box_pooler"
 PROJECTIONS = ("cosine", "mp")
+# Response divergence on a one-stage detector's sigmoid class logits.
+ANCHOR_KL_FORMS = ("binary", "softmax")
 
 
 def global_knowledge_loss(
@@ -84,17 +89,62 @@ def decoupled_feature_loss(
     return loss
 
 
+def response_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    temperature: float = 2.0,
+    divergence: str = "softmax",
+    class_mean: bool = False,
+) -> torch.Tensor:
+    """
+    The local response term (methods.md 3(iii)) on R distilled rows -- the positive RoIs of
+    a two-stage detector or the positive anchors of a one-stage one -- with ``C`` logits each::
+
+        L = (1/R) sum_r w_r * D_r,     D_r = T^2 * div_r  [/ C if class_mean]
+
+    - ``divergence="softmax"``: ``div_r = KL(softmax(z_t/T) || softmax(z_s/T))`` over the C
+      columns (:func:`~d2kd.losses.kd_kl_div`; the RoI head's K+1 logits, and the released
+      code's choice on RetinaNet's K sigmoid logits);
+    - ``"binary"``: ``div_r = sum_c KL(Bern(sigmoid(z_t,c/T)) || Bern(sigmoid(z_s,c/T)))``, the
+      per-class binary KL that suits sigmoid logits (:func:`~d2kd.losses.binary_kd_div`).
+
+    ``class_mean`` divides by C (the code's ``kl_div(reduction='none').mean(1)``). ``weights``
+    ``(R,)`` are the detached Eq. 8 robust weights (``None``: 1). ``1/R`` is the number of rows
+    of the batch: positive RoIs, or positive anchors as RetinaNet's focal loss normalises. No
+    row gives a zero that keeps the graph.
+    """
+    if divergence == "binary":
+        rows = binary_kd_div(student_logits, teacher_logits, temperature, "kl").sum(dim=1)
+    elif divergence == "softmax":
+        rows = kd_kl_div(student_logits, teacher_logits, temperature, reduction="none")
+    else:
+        raise ValueError(f"divergence must be 'softmax' or 'binary', got {divergence!r}")
+    if class_mean:
+        rows = rows / student_logits.shape[1]
+    if weights is not None:
+        if weights.shape != rows.shape:
+            raise ValueError(f"weights must be one per row, shape {tuple(rows.shape)}; got {tuple(weights.shape)}.")
+        rows = rows * weights.detach().to(rows.dtype)
+    if len(rows) == 0:
+        return student_logits.sum() * 0.0
+    return rows.mean()
+
+
 @DISTILL_HEAD_REGISTRY.register()
-class GKD(RoILogitsMixin, DistillHead):
+class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
     """
     "Distilling Object Detectors with Global Knowledge" (Tang et al., ECCV 2022; methods.md 3)
-    for two-stage detectors (FPN Faster R-CNN)::
+    for two-stage (FPN Faster R-CNN) and one-stage (RetinaNet) students::
 
         L = L_det + lambda1 L_global + lambda2 L_feat + lambda3 L_resp           (Eq. 9)
 
-    - Instances are the student's positive sampled RoIs (``gt_classes != K``) with their
-      matched class (the code's ``proposal_replace_gt``); features are box-average-pooled
-      FPN cells (integer windows) of un-adapted student / teacher maps.
+    - Instances: two-stage, the student's positive sampled RoIs (``gt_classes != K``) with
+      their matched class (the code's ``proposal_replace_gt``); RetinaNet (no RoIs), the
+      ground-truth boxes of the batch with their classes, each once (a design choice: the
+      GT boxes that PGM also uses; [UNVERIFIED] what the released one-stage code pools).
+      Features are box-average-pooled FPN cells (integer windows) of un-adapted student /
+      teacher maps, on the FPN levels of ``IN_FEATURES`` (p2..p6, or p3..p7 for RetinaNet).
     - Prototypes (PGM, Eqs. 2-5) are generated by :class:`~d2kd.engine.prototype_hook.PrototypeHook`
       (returned by :meth:`build_hooks`) before training and every ``PGM.PERIOD`` iterations,
       and held in persistent buffers (checkpointed under ``"distiller"``).
@@ -110,11 +160,25 @@ class GKD(RoILogitsMixin, DistillHead):
       ``BG_WEIGHT`` (4 in the code, absent from the paper); averaged over levels.
       The mask windows include the ``floor(x2/s)`` cell (the +1 convention of the code's
       PGM and global loss); the code's own mask stops one cell earlier.
-    - ``resp``: ``w_r * T^2 * KL`` on the positive RoIs' class logits (teacher box head on the
-      student's RoIs), mean over RoIs; ``w_r`` uses the RoIAlign features averaged, at the
-      RoI pooler's level (as ``r2i_soft_weight``). ``KL_CLASS_MEAN`` divides by K+1 (code).
+    - ``resp`` (:func:`response_loss`): ``w_r * T^2 * KL`` per distilled row, mean over rows.
+      Two-stage: the positive RoIs' K+1 softmax logits (teacher box head on the student's
+      RoIs); ``w_r`` uses the RoIAlign features averaged, at the RoI pooler's level (as
+      ``r2i_soft_weight``). RetinaNet: the student's positive anchors (its ``label_anchors``,
+      ``0 <= label < K``), the teacher's dense head on the same anchors, normalised by the
+      number of positive anchors of the batch; ``ANCHOR_KL`` "binary" (default) sums the
+      per-class binary KL of the K sigmoid logits, "softmax" reproduces the released code's
+      softmax across them (methods.md 3(iii): a mismatch). ``w_r`` is the Eq. 8 weight of the
+      GT instance the anchor is matched to, from its pooled features at the level the
+      box-to-level rule assigns it (the level of its feature-term mask; the code's
+      one-stage weighting is [UNVERIFIED]). ``KL_CLASS_MEAN`` divides by the number of
+      logits, K+1 or K (the code's mean over classes).
     - ``LINEAR_DECAY``: ``1 - iter / MAX_ITER`` on the global and feature terms only (the
       code's per-epoch ``kd_attenuation``; not in the paper).
+    - Model pairs: the response term needs student and teacher of the same kind (two RoI
+      heads, or two RetinaNets with the same anchors at the same resolution); the global and
+      feature terms need FPN features only, so a mixed pair works with ``RESPONSE_WEIGHT 0``.
+      For RetinaNet the feature term is averaged over levels as for two-stage; methods.md
+      3(iii) reports the one-stage code sums them (5x the weight on 5 levels).
 
     Weights: the paper prints (lambda1, lambda2, lambda3) = (1, 1, 5) for Eq. 9 as
     reconstructed (the assignment is uncertain, methods.md 3(iii)); the released code uses
@@ -136,9 +200,12 @@ class GKD(RoILogitsMixin, DistillHead):
         # Eq. 7: foreground weight, background weight (code: 4; paper: none).
         node.FG_WEIGHT = 1.0
         node.BG_WEIGHT = 0.0
-        # Response KL temperature; KL_CLASS_MEAN: divide the KL by K+1 as the code does.
+        # Response KL temperature; KL_CLASS_MEAN: divide the KL by K+1 (K on RetinaNet) as the code does.
         node.TEMPERATURE = 2.0
         node.KL_CLASS_MEAN = False
+        # RetinaNet response on the sigmoid logits: "binary" (per-class binary KL) or "softmax"
+        # (the released code's softmax across the K sigmoid logits, methods.md 3(iii)).
+        node.ANCHOR_KL = "binary"
         # 1 - iter/MAX_ITER on the global and feature terms (code's kd_attenuation).
         node.LINEAR_DECAY = False
         # FPN levels (5-level rule needs consecutive levels) and the 3x3 adapter of Eq. 7.
@@ -159,13 +226,13 @@ class GKD(RoILogitsMixin, DistillHead):
         opts = self.options(cfg)
         self._validate(opts)
         student, teacher = context.student, context.teacher
-        for role, model in (("student", student), ("teacher", teacher)):
-            roi_heads = getattr(model, "roi_heads", None)
-            if roi_heads is None or not hasattr(roi_heads, "box_predictor"):
-                raise DistillConfigError(
-                    f"GKD distils instances given by the positive sampled RoIs of a two-stage detector, but "
-                    f"the {role} ({type(model).__name__}) has no RoI box head. Use FPN Faster R-CNN models."
-                )
+        self.two_stage = _has_box_head(student)
+        if not self.two_stage and not is_dense_detector(student):
+            raise DistillConfigError(
+                "GKD distils instances: the positive sampled RoIs of a two-stage detector, or the ground-truth "
+                f"boxes and positive anchors of a RetinaNet; the student ({type(student).__name__}) has neither an "
+                "RoI box head nor a dense head. Use an FPN Faster R-CNN or a RetinaNet student."
+            )
         self.global_weight = float(opts.GLOBAL_WEIGHT)
         self.feature_weight = float(opts.FEATURE_WEIGHT)
         self.response_weight = float(opts.RESPONSE_WEIGHT)
@@ -175,6 +242,7 @@ class GKD(RoILogitsMixin, DistillHead):
         self.fg_weight, self.bg_weight = float(opts.FG_WEIGHT), float(opts.BG_WEIGHT)
         self.temperature = float(opts.TEMPERATURE)
         self.kl_class_mean = bool(opts.KL_CLASS_MEAN)
+        self.anchor_kl = opts.ANCHOR_KL
         self.decay = DistillSchedule(linear_decay=opts.LINEAR_DECAY, max_iter=cfg.SOLVER.MAX_ITER)
         self.input_scale = float(cfg.DISTILL.TEACHER.INPUT_SCALE)
 
@@ -197,7 +265,7 @@ class GKD(RoILogitsMixin, DistillHead):
             )
         self.min_level, self.max_level = int(levels[0]), int(levels[-1])
 
-        self.num_classes = student.roi_heads.num_classes
+        self.num_classes = student.roi_heads.num_classes if self.two_stage else student.num_classes
         train_sets = cfg.DATASETS.TRAIN
         thing_classes = MetadataCatalog.get(train_sets[0]).get("thing_classes", None) if train_sets else None
         if not thing_classes or len(thing_classes) != self.num_classes:
@@ -213,15 +281,30 @@ class GKD(RoILogitsMixin, DistillHead):
         # Iteration before which the prototypes were computed; -1 = never.
         self.register_buffer("prototype_iter", torch.tensor(-1, dtype=torch.long))
 
-        pooler = student.roi_heads.box_pooler
-        self._pooler_levels = (pooler.min_level, pooler.max_level, pooler.canonical_box_size, pooler.canonical_level)
-        self._box_in_features = list(student.roi_heads.box_in_features)
-
         self.student_modules = list(self.pairing.student_modules)
         self.teacher_modules = list(self.pairing.teacher_modules)
         self.teacher_parts = {"backbone"}
         if self.response_weight > 0:
-            self._require_roi_logits(context)
+            self._require_response_outputs(context, cfg)
+        elif self.two_stage:
+            self.student_methods.append(SAMPLED_PROPOSALS)
+
+    def _require_response_outputs(self, context, cfg):
+        """Captures of the response term: RoI logits (two-stage) or dense outputs (RetinaNet)."""
+        try:
+            if self.two_stage:
+                self._require_roi_logits(context)
+            else:
+                self._require_dense_outputs(context, cfg.DISTILL.TEACHER.INPUT_SCALE)
+        except DistillConfigError as e:
+            raise DistillConfigError(
+                f"{e} (GKD response term: DISTILL.GKD.RESPONSE_WEIGHT 0 keeps only the global and feature "
+                "terms, which need FPN features only.)"
+            ) from None
+        if self.two_stage:
+            pooler = context.student.roi_heads.box_pooler
+            self._pooler_levels = (pooler.min_level, pooler.max_level, pooler.canonical_box_size, pooler.canonical_level)
+            self._box_in_features = list(context.student.roi_heads.box_in_features)
             if self.use_robust:
                 box_features = self._box_in_features
                 missing = [f for f in box_features if f not in self.names]
@@ -233,8 +316,6 @@ class GKD(RoILogitsMixin, DistillHead):
                     )
                 self.student_modules.append(BOX_POOLER)
                 self.teacher_modules.append(BOX_POOLER)
-        else:
-            self.student_methods.append(SAMPLED_PROPOSALS)
 
     @staticmethod
     def _validate(opts):
@@ -250,6 +331,8 @@ class GKD(RoILogitsMixin, DistillHead):
             problems.append("FEATURE_WEIGHT > 0 but FG_WEIGHT and BG_WEIGHT are 0")
         if opts.TEMPERATURE <= 0:
             problems.append(f"TEMPERATURE must be > 0, got {opts.TEMPERATURE}")
+        if opts.ANCHOR_KL not in ANCHOR_KL_FORMS:
+            problems.append(f"ANCHOR_KL must be one of {ANCHOR_KL_FORMS}, got {opts.ANCHOR_KL!r}")
         pgm = opts.PGM
         if pgm.NUM_PROTOTYPES < 1:
             problems.append(f"PGM.NUM_PROTOTYPES must be >= 1, got {pgm.NUM_PROTOTYPES}")
@@ -320,19 +403,70 @@ class GKD(RoILogitsMixin, DistillHead):
                 "GKD.build_hooks returns (DistillTrainer registers it); in a custom loop, register "
                 "head.build_hooks(trainer) or call PrototypeHook.update() before training."
             )
-        proposals = self.sampled_proposals(student)
-        boxes, labels = [], []
-        for p in proposals:
-            pos = (p.gt_classes >= 0) & (p.gt_classes != self.num_classes)
-            boxes.append(p.proposal_boxes.tensor[pos].detach())
-            labels.append(p.gt_classes[pos])
+        proposals = self.sampled_proposals(student) if self.two_stage else None
+        boxes, labels = self._instances(proposals, step)
         decay = self.decay(step.iteration)
         terms = {}
         if self.global_weight > 0 or self.feature_weight > 0:
             terms.update(self._instance_terms(student, teacher, boxes, labels, decay))
         if self.response_weight > 0:
-            terms["resp"] = self.response_weight * self._response_term(student, teacher, proposals, boxes, labels)
+            if self.two_stage:
+                rows = self._roi_response_rows(student, teacher, proposals, boxes, labels)
+                divergence = "softmax"
+            else:
+                rows = self._anchor_response_rows(student, teacher)
+                divergence = self.anchor_kl
+            student_logits, teacher_logits, weights = rows
+            if weights is not None:
+                _put_scalar("gkd/robust_weight_resp", weights)
+            terms["resp"] = self.response_weight * response_loss(
+                student_logits, teacher_logits, weights, self.temperature, divergence, self.kl_class_mean
+            )
         return terms
+
+    def _instances(self, proposals, step):
+        """Per image, the instance boxes ``(n, 4)`` and classes ``(n,)``: positive RoIs, or GT boxes."""
+        boxes, labels = [], []
+        if self.two_stage:
+            for p in proposals:
+                pos = (p.gt_classes >= 0) & (p.gt_classes != self.num_classes)
+                boxes.append(p.proposal_boxes.tensor[pos].detach())
+                labels.append(p.gt_classes[pos])
+            return boxes, labels
+        for inst in step.gt_instances:
+            b = gt_boxes_of(inst)
+            boxes.append(b.detach().float())
+            has_classes = inst is not None and inst.has("gt_classes")
+            labels.append(inst.gt_classes.long() if has_classes else torch.zeros(0, dtype=torch.long, device=b.device))
+        return boxes, labels
+
+    def _pool_instances(self, s, t, name, boxes):
+        """Box-average-pooled student ``(n, Cs)`` and (detached) teacher ``(n, Ct)`` features at
+        level ``name`` of the per-image boxes (student coordinates)."""
+        pooled_s = torch.cat([box_average_pool(s[i], b, self.student_strides[name]) for i, b in enumerate(boxes)])
+        with torch.no_grad():
+            pooled_t = torch.cat(
+                [box_average_pool(t[i], b * self.input_scale, self.teacher_strides[name]) for i, b in enumerate(boxes)]
+            )
+        return pooled_s, pooled_t
+
+    @torch.no_grad()
+    def _assigned_level_weights(self, student, teacher, boxes, labels) -> List[torch.Tensor]:
+        """Per image, the Eq. 8 weight of each instance at the level the box-to-level rule
+        assigns it (the level whose feature-term mask it fills)."""
+        weights = [torch.ones(len(b), device=b.device) for b in boxes]
+        assigned = [assign_boxes_to_levels(b, self.min_level, self.max_level) for b in boxes]
+        for li, name in enumerate(self.names):
+            here = [a == self.min_level + li for a in assigned]
+            if not any(bool(h.any()) for h in here):
+                continue
+            s = self.pairing.student_feature(student, name)
+            t = self.pairing.teacher_feature(teacher, name)
+            pooled_s, pooled_t = self._pool_instances(s, t, name, [b[h] for b, h in zip(boxes, here)])
+            w = robust_weights(pooled_s, pooled_t, *self.prototypes(name), torch.cat([l[h] for l, h in zip(labels, here)]))
+            for w_img, h, part in zip(weights, here, w.split([int(h.sum()) for h in here])):
+                w_img[h] = part.to(w_img.dtype)
+        return weights
 
     def _instance_terms(self, student, teacher, boxes, labels, decay):
         """``global_<level>`` and ``feat_<level>`` terms."""
@@ -348,18 +482,8 @@ class GKD(RoILogitsMixin, DistillHead):
                 torch.arange(len(b), device=b.device) if self.global_weight > 0 else torch.nonzero(a == level).flatten()
                 for b, a in zip(boxes, assigned)
             ]
-            inst_boxes = [b[c] for b, c in zip(boxes, chosen)]
             inst_labels = torch.cat([l[c] for l, c in zip(labels, chosen)])
-            pooled_s = torch.cat(
-                [box_average_pool(s[i], inst_boxes[i], self.student_strides[name]) for i in range(len(boxes))]
-            )
-            with torch.no_grad():
-                pooled_t = torch.cat(
-                    [
-                        box_average_pool(t[i], inst_boxes[i] * self.input_scale, self.teacher_strides[name])
-                        for i in range(len(boxes))
-                    ]
-                )
+            pooled_s, pooled_t = self._pool_instances(s, t, name, [b[c] for b, c in zip(boxes, chosen)])
             if self.use_robust:
                 w = robust_weights(pooled_s, pooled_t, *self.prototypes(name), inst_labels)
             else:
@@ -392,7 +516,9 @@ class GKD(RoILogitsMixin, DistillHead):
             _put_scalar("gkd/robust_weight_feat", torch.cat(mask_weights))
         return terms
 
-    def _response_term(self, student, teacher, proposals, boxes, labels):
+    def _roi_response_rows(self, student, teacher, proposals, boxes, labels):
+        """Two-stage response rows: the positive RoIs' ``(R, K+1)`` logits of both models and
+        their Eq. 8 weights (RoIAlign features averaged, at the RoI pooler's level), or None."""
         student_scores, _ = self.roi_predictions(student)
         teacher_scores, _ = self.roi_predictions(teacher)
         gt_classes = torch.cat([p.gt_classes for p in proposals])
@@ -409,10 +535,41 @@ class GKD(RoILogitsMixin, DistillHead):
                     sel = level_idx == idx
                     name = self._box_in_features[idx]
                     weights[sel] = robust_weights(s_roi[sel], t_roi[sel], *self.prototypes(name), pos_labels[sel])
-            _put_scalar("gkd/robust_weight_resp", weights)
-        return kd_kl_div(
-            student_scores[pos], teacher_scores[pos], self.temperature, weights=weights, class_mean=self.kl_class_mean
-        )
+        return student_scores[pos], teacher_scores[pos], weights
+
+    def _anchor_response_rows(self, student, teacher):
+        """RetinaNet response rows: the student's positive anchors (``0 <= label < K`` in its
+        ``label_anchors``), their ``(P, K)`` sigmoid logits in both models, and the Eq. 8 weight
+        of the GT instance (matched box and class) each anchor is matched to, or None."""
+        student_logits, _ = self.dense_predictions(student, self.num_classes)
+        teacher_logits, _ = self.dense_predictions(teacher, self.num_classes)
+        if student_logits.shape != teacher_logits.shape:
+            raise RuntimeError(
+                f"GKD: the teacher's dense head scored {tuple(teacher_logits.shape)} (images, anchors, classes) "
+                f"and the student's {tuple(student_logits.shape)}; both must see the same padded images "
+                "(same SIZE_DIVISIBILITY, DISTILL.TEACHER.INPUT_SCALE 1.0)."
+            )
+        anchor_labels = self.anchor_labels(student)
+        positive = (anchor_labels >= 0) & (anchor_labels < self.num_classes)
+        weights = None
+        if self.use_robust:
+            matched = self.matched_gt_boxes(student).detach().float()
+            # One weight per matched GT instance (box, class), shared by all its positive anchors.
+            instances, inverse, offset = [], [], 0
+            for i in range(len(positive)):
+                keys = torch.cat([matched[i][positive[i]], anchor_labels[i][positive[i]][:, None].float()], dim=1)
+                if len(keys):
+                    unique, index = torch.unique(keys, dim=0, return_inverse=True)
+                else:
+                    unique, index = keys, torch.zeros(0, dtype=torch.long, device=keys.device)
+                instances.append(unique)
+                inverse.append(index + offset)
+                offset += len(unique)
+            gt_weights = self._assigned_level_weights(
+                student, teacher, [u[:, :4] for u in instances], [u[:, 4].long() for u in instances]
+            )
+            weights = torch.cat(gt_weights)[torch.cat(inverse)]
+        return student_logits[positive], teacher_logits[positive], weights
 
 
 def _put_scalar(name: str, values: torch.Tensor):
@@ -423,3 +580,9 @@ def _put_scalar(name: str, values: torch.Tensor):
         get_event_storage().put_scalar(name, float(values.float().mean()))
     except AssertionError:  # outside a trainer
         pass
+
+
+def _has_box_head(model) -> bool:
+    """A two-stage detector with an RoI box head (Detectron2 ``GeneralizedRCNN``)."""
+    roi_heads = getattr(model, "roi_heads", None)
+    return roi_heads is not None and hasattr(roi_heads, "box_predictor")

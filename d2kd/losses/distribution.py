@@ -14,6 +14,7 @@ def kd_kl_div(
     temperature: float = 1.0,
     weights: Optional[torch.Tensor] = None,
     class_mean: bool = False,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """
     Hinton et al. 2015 soft-label loss on softmax logits (methods.md 5.1)::
@@ -24,15 +25,18 @@ def kd_kl_div(
 
     Optional: ``weights`` ``(R,)`` multiply each row's term before the mean over rows (the
     Global Knowledge robust weights, detached); ``class_mean`` divides each row's KL by the
-    number of classes (the GK code's ``kl_div(reduction='none').mean(1)``, methods.md 3(iii)).
+    number of classes (the GK code's ``kl_div(reduction='none').mean(1)``, methods.md 3(iii));
+    ``reduction="none"`` returns the ``(R,)`` row terms (already times ``T^2``) instead of their mean.
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"Logit shapes differ: student {tuple(student_logits.shape)} vs teacher {tuple(teacher_logits.shape)}; "
             "teacher and student must have the same classes."
         )
     if student_logits.shape[0] == 0:
-        return student_logits.sum() * 0.0
+        return student_logits.sum(dim=1) * 0.0 if reduction == "none" else student_logits.sum() * 0.0
     t = float(temperature)
     log_p_student = F.log_softmax(student_logits / t, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
@@ -43,4 +47,6 @@ def kd_kl_div(
         if weights.shape != kl.shape:
             raise ValueError(f"weights must be one per row, shape {tuple(kl.shape)}; got {tuple(weights.shape)}.")
         kl = kl * weights.detach().to(kl.dtype)
+    if reduction == "none":
+        return kl * (t * t)
     return kl.mean() * (t * t)
