@@ -1,7 +1,5 @@
 """Distances between predicted class distributions."""
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -12,8 +10,6 @@ def kd_kl_div(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     temperature: float = 1.0,
-    weights: Optional[torch.Tensor] = None,
-    class_mean: bool = False,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """
@@ -23,10 +19,8 @@ def kd_kl_div(
 
     Rows are RoIs (or anchors); an empty set gives a zero that keeps the graph.
 
-    Optional: ``weights`` ``(R,)`` multiply each row's term before the mean over rows (the
-    Global Knowledge robust weights, detached); ``class_mean`` divides each row's KL by the
-    number of classes (the GK code's ``kl_div(reduction='none').mean(1)``, methods.md 3(iii));
-    ``reduction="none"`` returns the ``(R,)`` row terms (already times ``T^2``) instead of their mean.
+    ``reduction="none"`` returns the ``(R,)`` row terms (already times ``T^2``) instead of their
+    mean, for callers that weight rows (the Global Knowledge response term).
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
@@ -41,12 +35,6 @@ def kd_kl_div(
     log_p_student = F.log_softmax(student_logits / t, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
-    if class_mean:
-        kl = kl / student_logits.shape[1]
-    if weights is not None:
-        if weights.shape != kl.shape:
-            raise ValueError(f"weights must be one per row, shape {tuple(kl.shape)}; got {tuple(weights.shape)}.")
-        kl = kl * weights.detach().to(kl.dtype)
     if reduction == "none":
         return kl * (t * t)
     return kl.mean() * (t * t)
