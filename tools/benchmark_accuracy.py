@@ -61,8 +61,7 @@ from d2kd.benchmark import (  # noqa: E402
     split_method_pattern,
     study_methods,
     fmt_duration,
-    in_repo_root,
-    torch_threads,
+    run_from_repo_root,
     load_cfg,
     markdown_table,
     merge_opts,
@@ -950,13 +949,7 @@ def _main(args, argv) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for attr in ("output_dir", "work_dir", "teacher_weights"):  # relative to the caller's directory
-        if getattr(args, attr):
-            setattr(args, attr, os.path.abspath(getattr(args, attr)))
-    if args.quick and not args.threads:
-        args.threads = 1
-    with in_repo_root(), torch_threads(args.threads):
-        return _main(args, argv)
+    return run_from_repo_root(_main, args, argv, ("output_dir", "work_dir", "teacher_weights"))
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from d2kd.benchmark import (  # noqa: E402
     STUDENT_CONFIG,
     command_string,
     discover_methods,
-    in_repo_root,
+    run_from_repo_root,
     load_cfg,
     markdown_table,
     median,
@@ -62,7 +62,6 @@ from d2kd.benchmark import (  # noqa: E402
     provenance,
     select_names,
     split_method_pattern,
-    torch_threads,
     write_json,
     write_text,
 )
@@ -566,16 +565,9 @@ def _main(args, argv) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.output_dir:
-        args.output_dir = os.path.abspath(args.output_dir)
     if args.teacher_weights is None:
         args.teacher_weights = "random" if args.quick else "auto"
-    if args.teacher_weights not in ("auto", "random"):
-        args.teacher_weights = os.path.abspath(args.teacher_weights)
-    if args.quick and not args.threads:
-        args.threads = 1
-    with in_repo_root(), torch_threads(args.threads):
-        return _main(args, argv)
+    return run_from_repo_root(_main, args, argv, ("output_dir", "teacher_weights"))
 
 
 if __name__ == "__main__":

@@ -36,14 +36,13 @@ from d2kd.benchmark import (  # noqa: E402
     QUICK_INPUT_OPTS,
     STUDENT_CONFIG,
     command_string,
-    in_repo_root,
+    run_from_repo_root,
     load_cfg,
     markdown_table,
     median,
     merge_opts,
     percentile,
     provenance,
-    torch_threads,
     write_json,
     write_text,
 )
@@ -298,14 +297,7 @@ def render_markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for attr in ("output_dir", "teacher_weights", "student_weights"):  # configs are relative to the repository
-        value = getattr(args, attr)
-        if value and value not in ("auto", "random"):
-            setattr(args, attr, os.path.abspath(value))
-    if args.quick and not args.threads:
-        args.threads = 1
-    with in_repo_root(), torch_threads(args.threads):
-        return _main(args, argv)
+    return run_from_repo_root(_main, args, argv, ("output_dir", "teacher_weights", "student_weights"))
 
 
 if __name__ == "__main__":

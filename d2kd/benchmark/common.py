@@ -25,6 +25,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 from ..engine.checkpoint import atomic_write_bytes
 
 __all__ = [
+    "run_from_repo_root",
     "REPO_ROOT",
     "BCCD_CONFIG_DIR",
     "METHOD_CONFIG_PATTERN",
@@ -372,3 +373,20 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def run_from_repo_root(main_fn, args, argv, path_attrs):
+    """
+    The shared entry of the benchmark scripts: make the path options in ``path_attrs``
+    absolute (they are relative to the caller's directory; "auto"/"random" are kept), use one
+    thread in ``--quick`` mode unless ``--threads`` says otherwise, then run
+    ``main_fn(args, argv)`` from the repository root (configs are relative to it).
+    """
+    for attr in path_attrs:
+        value = getattr(args, attr, None)
+        if value and value not in ("auto", "random"):
+            setattr(args, attr, os.path.abspath(value))
+    if args.quick and not args.threads:
+        args.threads = 1
+    with in_repo_root(), torch_threads(args.threads):
+        return main_fn(args, argv)
