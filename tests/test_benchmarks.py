@@ -259,6 +259,24 @@ def test_overhead_quick(tmp_path, results_dir_untouched):
     assert "t_distill / (t_student + t_teacher)" in (tmp_path / "overhead_quick.md").read_text()
 
 
+def test_overhead_given_weights_apply_only_to_their_teacher(tmp_path, teacher_r50_weights):
+    """--teacher-weights of the Faster R-CNN teacher must not be forced onto a RetinaNet
+    preset (a strict-load failure): that method falls back to auto and says why."""
+    overhead = _load_tool("benchmark_overhead")
+    from d2kd.benchmark import load_cfg
+
+    cache = {}
+    frcnn = load_cfg(os.path.join(REPO, "configs/bccd/distill_fitnet_R50_R18.yaml"))
+    path, note = overhead.teacher_weights_for(frcnn, teacher_r50_weights, str(tmp_path), cache)
+    assert path == teacher_r50_weights and note.startswith("given")
+    retina = load_cfg(os.path.join(REPO, "configs/bccd/distill_fitnet_retinanet_R50_R18.yaml"))
+    retina.merge_from_list(["DISTILL.TEACHER.WEIGHTS", str(tmp_path / "no_such_teacher.pth")])
+    path, note = overhead.teacher_weights_for(retina, teacher_r50_weights, str(tmp_path), cache)
+    assert path != teacher_r50_weights and os.path.isfile(path)
+    assert note.startswith("random") and "another architecture" in note
+    assert len(cache) == 2  # one teacher built per teacher config
+
+
 def test_speed_quick(tmp_path, results_dir_untouched):
     speed = _load_tool("benchmark_speed")
     assert speed.main(["--quick", "--output-dir", str(tmp_path)]) == 0

@@ -360,6 +360,29 @@ def test_fbkd_no_gradient_to_teacher_but_nl_t_trains():
             assert block.norm.weight.grad.abs().sum() > 0
 
 
+def test_fbkd_paper_form_attention_gradient_matches_direct_formula():
+    """The paper-form L_AT reaches the student through its |S| attention maps (computed once
+    per level and shared with the detached masks): the gradient equals autograd of a direct
+    formula; the masks and the teacher get none."""
+    gen = torch.Generator().manual_seed(7)
+    cfg = _fbkd_cfg(FORM="paper", CHANNEL_MASK=True, PAPER_DISTANCE="mse", AM__ENABLED=False, NLD__ENABLED=False)
+    head = FBKD(cfg, fake_fpn_context(3, 3))
+    s, t = _features(gen, 3), _features(gen, 3)
+    s_head = {k: v.clone().requires_grad_(True) for k, v in s.items()}
+    t_head = {k: v.clone().requires_grad_(True) for k, v in t.items()}
+    out = head(_records(s_head), _records(t_head), _step())
+    assert set(out) == {f"{lv}_{term}" for lv in ("p2", "p3") for term in ("at_c", "at_s")}
+    sum(out.values()).backward()
+    for level in ("p2", "p3"):
+        x = s[level].clone().requires_grad_(True)
+        y = t[level]
+        direct = 4e-3 * ((x.abs().mean(dim=(2, 3)) - y.abs().mean(dim=(2, 3))) ** 2).mean()
+        direct = direct + 4e-3 * ((x.abs().mean(dim=1) - y.abs().mean(dim=1)) ** 2).mean()
+        (expected,) = torch.autograd.grad(direct, x)
+        assert torch.allclose(s_head[level].grad, expected, rtol=1e-4, atol=1e-9), level
+        assert t_head[level].grad is None
+
+
 @pytest.mark.parametrize(
     "switches, terms, modules",
     [

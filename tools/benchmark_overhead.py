@@ -95,6 +95,7 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; --quick: 1)")
     p.add_argument("--output-dir", help="default benchmarks/results (--quick: output/benchmarks/quick)")
+    p.add_argument("--tag", help="suffix of the results name (overhead_<tag>.json: another set of methods)")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 method, 128 px, batch 2, 1+2 steps")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides for student and methods")
     return p
@@ -199,15 +200,9 @@ def take_batches(cfg, n: int) -> List[list]:
     return batches
 
 
-def teacher_weights_for(cfg, choice: str, tmpdir: str, cache: Dict[str, str]):
-    """(path, description) of the teacher weights for a method config."""
-    if choice not in ("auto", "random"):
-        if not os.path.isfile(choice):
-            raise SystemExit(f"--teacher-weights {choice}: no such file.")
-        return choice, f"given ({choice})"
-    configured = cfg.DISTILL.TEACHER.WEIGHTS
-    if choice == "auto" and configured and os.path.isfile(configured):
-        return configured, f"trained ({configured})"
+def _teacher_model(cfg, tmpdir: str, cache: Dict[str, dict]) -> dict:
+    """The method's teacher, built once per teacher config: its parameter names and the path
+    of its random initialisation (the model itself is not kept: it would count in memory)."""
     key = cfg.DISTILL.TEACHER.CONFIG_FILE + repr(list(cfg.DISTILL.TEACHER.OPTS))
     if key not in cache:
         from detectron2.checkpoint import DetectionCheckpointer
@@ -215,14 +210,42 @@ def teacher_weights_for(cfg, choice: str, tmpdir: str, cache: Dict[str, str]):
 
         from d2kd.modeling.teacher import build_teacher_cfg
 
-        tcfg = build_teacher_cfg(cfg)
         torch.manual_seed(0)
-        model = build_model(tcfg)
+        model = build_model(build_teacher_cfg(cfg))
         name = f"teacher_random_{len(cache)}"
         DetectionCheckpointer(model, save_dir=tmpdir).save(name)
-        cache[key] = os.path.join(tmpdir, name + ".pth")
+        cache[key] = {"keys": set(model.state_dict()), "random": os.path.join(tmpdir, name + ".pth")}
         del model
-    return cache[key], "random initialisation (timing only; no trained teacher at DISTILL.TEACHER.WEIGHTS)"
+    return cache[key]
+
+
+def _checkpoint_keys(path: str) -> set:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    return set(checkpoint.get("model", checkpoint))
+
+
+def teacher_weights_for(cfg, choice: str, tmpdir: str, cache: Dict[str, dict]):
+    """
+    (path, description) of the teacher weights for a method config. A given file is used
+    for the methods whose teacher it fits (the same parameter names); methods with another
+    teacher (e.g. the RetinaNet presets beside Faster R-CNN ones) fall back to ``auto``.
+    """
+    entry = _teacher_model(cfg, tmpdir, cache)
+    mismatch = ""
+    if choice not in ("auto", "random"):
+        if not os.path.isfile(choice):
+            raise SystemExit(f"--teacher-weights {choice}: no such file.")
+        if _checkpoint_keys(choice) == entry["keys"]:
+            return choice, f"given ({choice})"
+        mismatch = f"; {choice} is another architecture than {cfg.DISTILL.TEACHER.CONFIG_FILE}"
+        choice = "auto"
+    configured = cfg.DISTILL.TEACHER.WEIGHTS
+    if choice == "auto" and configured and os.path.isfile(configured):
+        return configured, f"trained ({configured}){mismatch}"
+    return (
+        entry["random"],
+        f"random initialisation (timing only; no trained teacher at DISTILL.TEACHER.WEIGHTS){mismatch}",
+    )
 
 
 def build_plain_student(cfg):
@@ -479,7 +502,7 @@ def _main(args, argv) -> int:
         else ("cpu" if args.device == "auto" else args.device)
     )
     output_dir = args.output_dir or ("output/benchmarks/quick" if args.quick else "benchmarks/results")
-    name = "overhead" + ("_quick" if args.quick else "")
+    name = "overhead" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
 
     available = discover_methods(*split_method_pattern(args.method_configs))
     if args.quick and not args.methods:

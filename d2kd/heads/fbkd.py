@@ -13,14 +13,7 @@ from torch import nn
 
 from ..capture import feature_shapes
 from ..modeling.adapters import FeatureAdapter
-from ..modeling.attention import (
-    channel_attention,
-    channel_attention_mask,
-    channel_softmax_mask,
-    spatial_attention,
-    spatial_attention_mask,
-    spatial_softmax_mask,
-)
+from ..modeling.attention import channel_attention, channel_softmax_mask, spatial_attention, spatial_softmax_mask
 from ..modeling.feature_pairs import add_feature_pairing_config, feature_pairing_from_config
 from ..modeling.non_local import NON_LOCAL_NORMS, NonLocalBlock
 from .base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
@@ -34,22 +27,46 @@ PAPER_DISTANCES = ("norm", "mse")
 def fbkd_spatial_mask(student: torch.Tensor, teacher: torch.Tensor, temperature: float, form: str) -> torch.Tensor:
     """
     The detached spatial attention mask ``M^s`` (B, H, W) of FBKD:
-
     - ``"code"`` (official code, methods.md 2(ii)): ``½ [HW softmax(G^s(T)/τ) + HW softmax(G^s(S)/τ)]``;
     - ``"paper"`` (ICLR 2021 Sec. 3.1, reconstructed): ``HW softmax((G^s(S) + G^s(T))/τ)``.
     """
     with torch.no_grad():
-        if form == "code":
-            return 0.5 * (spatial_attention_mask(teacher, temperature) + spatial_attention_mask(student, temperature))
-        return spatial_softmax_mask(spatial_attention(student) + spatial_attention(teacher), temperature)
+        return _combined_mask(spatial_attention(student), spatial_attention(teacher), temperature, form, "spatial")
 
 
 def fbkd_channel_mask(student: torch.Tensor, teacher: torch.Tensor, temperature: float, form: str) -> torch.Tensor:
     """The detached channel attention mask ``M^c`` (B, C); forms as :func:`fbkd_spatial_mask`."""
     with torch.no_grad():
-        if form == "code":
-            return 0.5 * (channel_attention_mask(teacher, temperature) + channel_attention_mask(student, temperature))
-        return channel_softmax_mask(channel_attention(student) + channel_attention(teacher), temperature)
+        return _combined_mask(channel_attention(student), channel_attention(teacher), temperature, form, "channel")
+
+
+def _combined_mask(g_student, g_teacher, temperature: float, form: str, kind: str) -> torch.Tensor:
+    """The mask of :func:`fbkd_spatial_mask` / :func:`fbkd_channel_mask` from attention maps ``G``."""
+    softmax_mask = spatial_softmax_mask if kind == "spatial" else channel_softmax_mask
+    g_student, g_teacher = g_student.detach(), g_teacher.detach()
+    if form == "code":
+        return 0.5 * (softmax_mask(g_teacher, temperature) + softmax_mask(g_student, temperature))
+    return softmax_mask(g_student + g_teacher, temperature)
+
+
+class _LevelAttention:
+    """
+    ``G^s`` and ``G^c`` of the student and teacher maps of one level, from one ``|A|`` pass
+    per map (the masks and the paper-form L_AT share them). The student's maps carry
+    gradients only when ``with_grad`` (paper-form L_AT); the masks always detach them.
+    """
+
+    def __init__(self, student: torch.Tensor, teacher: torch.Tensor, with_grad: bool):
+        s_abs = (student if with_grad else student.detach()).abs()
+        t_abs = teacher.detach().abs()
+        self.student_spatial, self.student_channel = s_abs.mean(dim=1), s_abs.mean(dim=(2, 3))
+        self.teacher_spatial, self.teacher_channel = t_abs.mean(dim=1), t_abs.mean(dim=(2, 3))
+
+    def spatial_mask(self, temperature: float, form: str) -> torch.Tensor:
+        return _combined_mask(self.student_spatial, self.teacher_spatial, temperature, form, "spatial")
+
+    def channel_mask(self, temperature: float, form: str) -> torch.Tensor:
+        return _combined_mask(self.student_channel, self.teacher_channel, temperature, form, "channel")
 
 
 def default_non_local_setting(stride: int) -> Tuple[int, int]:
@@ -281,10 +298,13 @@ class FBKD(DistillHead):
         """
         out = []
         code = self.form == "code"
+        paper_at = self.at_enabled and not code
+        attention = _LevelAttention(s_aligned, t, with_grad=paper_at) if (self.am_enabled or paper_at) else None
         if self.am_enabled:
-            mask = fbkd_spatial_mask(s_aligned, t, self.spatial_temperature, self.form)[:, None]
-            if self.channel_mask:
-                mask = mask * fbkd_channel_mask(s_aligned, t, self.channel_temperature, self.form)[:, :, None, None]
+            with torch.no_grad():
+                mask = attention.spatial_mask(self.spatial_temperature, self.form)[:, None]
+                if self.channel_mask:
+                    mask = mask * attention.channel_mask(self.channel_temperature, self.form)[:, :, None, None]
             weighted = (t - adapted) * mask.sqrt()
             am = _frobenius(weighted) if code else _per_image_distance(weighted, "norm")
             out.append(("am", self.am_weight * am))
@@ -295,8 +315,8 @@ class FBKD(DistillHead):
                 at_c = _frobenius(t.mean(dim=(2, 3)) - s_channel)
                 at_s = _frobenius(t.mean(dim=1, keepdim=True) - s_spatial)
             else:
-                at_c = _per_image_distance(channel_attention(s_aligned) - channel_attention(t), self.paper_distance)
-                at_s = _per_image_distance(spatial_attention(s_aligned) - spatial_attention(t), self.paper_distance)
+                at_c = _per_image_distance(attention.student_channel - attention.teacher_channel, self.paper_distance)
+                at_s = _per_image_distance(attention.student_spatial - attention.teacher_spatial, self.paper_distance)
             out.append(("at_c", self.at_channel_weight * at_c))
             out.append(("at_s", self.at_spatial_weight * at_s))
         if self.nld_enabled:
