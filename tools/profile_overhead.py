@@ -18,13 +18,13 @@ weights). Numbers are per step, averaged over ``--steps`` profiled steps after
 
 import argparse
 import collections
+import functools
+import importlib.util
 import os
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
 
 from d2kd.benchmark import (  # noqa: E402
     BCCD_CONFIG_DIR,
@@ -35,24 +35,20 @@ from d2kd.benchmark import (  # noqa: E402
     run_from_repo_root,
 )
 
-_OVERHEAD = None
-
-
+@functools.lru_cache(maxsize=None)
 def _overhead_tool():
     """tools/benchmark_overhead.py, whose step builders this profile shares."""
-    global _OVERHEAD
-    if _OVERHEAD is None:
-        import importlib.util
-
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_overhead.py")
-        spec = importlib.util.spec_from_file_location("d2kd_tool_benchmark_overhead", path)
-        _OVERHEAD = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_OVERHEAD)
-    return _OVERHEAD
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_overhead.py")
+    spec = importlib.util.spec_from_file_location("d2kd_tool_benchmark_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("method", help="a method preset: configs/bccd/distill_<method>_R50_R18.yaml, or a config path")
     p.add_argument("--warmup", type=int, default=3, help="unprofiled steps per phase (default 3; --quick 1)")
     p.add_argument("--steps", type=int, default=3, help="profiled steps per phase (default 3; --quick 1)")
@@ -109,13 +105,15 @@ def overhead_by_operator(per_op):
 
 
 def _main(args, argv) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.quick:
         args.warmup, args.steps = 1, 1
-    config = args.method if args.method.endswith(".yaml") else os.path.join(BCCD_CONFIG_DIR, METHOD_CONFIG_PATTERN.format(method=args.method))
+    config = args.method
+    if not config.endswith(".yaml"):
+        config = os.path.join(BCCD_CONFIG_DIR, METHOD_CONFIG_PATTERN.format(method=args.method))
     if not os.path.isfile(config):
-        raise SystemExit(f"No config {config}: give a method preset name (configs/bccd/distill_<method>_R50_R18.yaml) or a path.")
+        raise SystemExit(
+            f"No config {config}: give a method preset name (configs/bccd/distill_<method>_R50_R18.yaml) or a path."
+        )
     from d2kd import register_bccd
 
     register_bccd()

@@ -31,18 +31,24 @@ def fbkd_spatial_mask(student: torch.Tensor, teacher: torch.Tensor, temperature:
     - ``"paper"`` (ICLR 2021 Sec. 3.1, reconstructed): ``HW softmax((G^s(S) + G^s(T))/τ)``.
     """
     with torch.no_grad():
-        return _combined_mask(spatial_attention(student), spatial_attention(teacher), temperature, form, "spatial")
+        return _combined_mask(
+            spatial_attention(student), spatial_attention(teacher), temperature, form, spatial_softmax_mask
+        )
 
 
 def fbkd_channel_mask(student: torch.Tensor, teacher: torch.Tensor, temperature: float, form: str) -> torch.Tensor:
     """The detached channel attention mask ``M^c`` (B, C); forms as :func:`fbkd_spatial_mask`."""
     with torch.no_grad():
-        return _combined_mask(channel_attention(student), channel_attention(teacher), temperature, form, "channel")
+        return _combined_mask(
+            channel_attention(student), channel_attention(teacher), temperature, form, channel_softmax_mask
+        )
 
 
-def _combined_mask(g_student, g_teacher, temperature: float, form: str, kind: str) -> torch.Tensor:
-    """The mask of :func:`fbkd_spatial_mask` / :func:`fbkd_channel_mask` from attention maps ``G``."""
-    softmax_mask = spatial_softmax_mask if kind == "spatial" else channel_softmax_mask
+def _combined_mask(g_student, g_teacher, temperature: float, form: str, softmax_mask) -> torch.Tensor:
+    """
+    The detached mask of :func:`fbkd_spatial_mask` / :func:`fbkd_channel_mask` from attention
+    maps ``G`` (``softmax_mask``: :func:`spatial_softmax_mask` or :func:`channel_softmax_mask`).
+    """
     g_student, g_teacher = g_student.detach(), g_teacher.detach()
     if form == "code":
         return 0.5 * (softmax_mask(g_teacher, temperature) + softmax_mask(g_student, temperature))
@@ -63,10 +69,10 @@ class _LevelAttention:
         self.teacher_spatial, self.teacher_channel = t_abs.mean(dim=1), t_abs.mean(dim=(2, 3))
 
     def spatial_mask(self, temperature: float, form: str) -> torch.Tensor:
-        return _combined_mask(self.student_spatial, self.teacher_spatial, temperature, form, "spatial")
+        return _combined_mask(self.student_spatial, self.teacher_spatial, temperature, form, spatial_softmax_mask)
 
     def channel_mask(self, temperature: float, form: str) -> torch.Tensor:
-        return _combined_mask(self.student_channel, self.teacher_channel, temperature, form, "channel")
+        return _combined_mask(self.student_channel, self.teacher_channel, temperature, form, channel_softmax_mask)
 
 
 def default_non_local_setting(stride: int) -> Tuple[int, int]:
@@ -301,10 +307,9 @@ class FBKD(DistillHead):
         paper_at = self.at_enabled and not code
         attention = _LevelAttention(s_aligned, t, with_grad=paper_at) if (self.am_enabled or paper_at) else None
         if self.am_enabled:
-            with torch.no_grad():
-                mask = attention.spatial_mask(self.spatial_temperature, self.form)[:, None]
-                if self.channel_mask:
-                    mask = mask * attention.channel_mask(self.channel_temperature, self.form)[:, :, None, None]
+            mask = attention.spatial_mask(self.spatial_temperature, self.form)[:, None]
+            if self.channel_mask:
+                mask = mask * attention.channel_mask(self.channel_temperature, self.form)[:, :, None, None]
             weighted = (t - adapted) * mask.sqrt()
             am = _frobenius(weighted) if code else _per_image_distance(weighted, "norm")
             out.append(("am", self.am_weight * am))
