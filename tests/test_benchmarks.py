@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO
 
-from d2kd.benchmark import discover_methods, merge_opts, select_names
+from d2kd.benchmark import discover_methods, loss_balance, merge_opts, select_names
 
 
 def _load_tool(name):
@@ -141,6 +141,36 @@ def test_summary_mean_std_gain_and_gap_closed_by_hand(accuracy, tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_loss_balance_from_metrics_json_by_hand(accuracy, tmp_path):
+    """First/last 10% of the iterations with distillation on; a resumed run's repeats count once."""
+    lines = []
+    for it in range(20):  # distillation off (warm-up) for iterations 0..9
+        kd = 0.0 if it < 10 else 0.1 * it
+        lines.append({"iteration": it, "loss_cls": 1.0, "loss_box_reg": 0.5, "loss_kd_fitnet_p2": kd, "lr": 0.02})
+    lines.append({"iteration": 19, "bbox/AP": 30.0})  # an evaluation record
+    lines.append({"iteration": 19, "loss_cls": 2.0, "loss_box_reg": 1.0, "loss_kd_fitnet_p2": 3.0})  # resumed
+    path = tmp_path / "metrics.json"
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\nnot json\n")
+    balance = loss_balance(str(tmp_path))
+    # 10 active iterations (10..19) -> windows of 1: iteration 10 and iteration 19 (last record)
+    assert balance["start"] == {"detector": 1.5, "distill": pytest.approx(1.0), "ratio": pytest.approx(1 / 1.5),
+                                "iterations": [10, 10]}
+    assert balance["end"] == {"detector": 3.0, "distill": 3.0, "ratio": 1.0, "iterations": [19, 19]}
+    # a window of 2: iterations 10, 11 -> detector 1.5, distill (1.0 + 1.1) / 2
+    two = loss_balance(str(tmp_path), fraction=0.2)
+    assert two["start"]["distill"] == pytest.approx(1.05) and two["start"]["iterations"] == [10, 11]
+    assert loss_balance(str(tmp_path / "missing")) is None
+
+    runs = [
+        {"method": "fitnet", "seed": s, "kind": "distill", "iterations": 20, "loss_balance": balance,
+         "metrics": {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}}
+        for s in (0, 1)
+    ]
+    md = accuracy.render_markdown({"split": "test", "runs": runs, "invocations": []})
+    row = next(line for line in md.splitlines() if line.startswith("| fitnet | 2 | 1.5"))
+    assert row.rstrip(" |").split(" | ")[1:8] == ["2", "1.5", "1", "0.667", "3", "3", "1"]
+
+
 def test_schedule_override_scales_steps_and_distill_delays(accuracy):
     from d2kd.benchmark import load_cfg
 
@@ -179,6 +209,21 @@ def test_run_folder_decides_harvest_resume_or_train(accuracy, tmp_path):
     assert accuracy.plan_action(str(tmp_path), 20, "bccd_test", 0)[0] == "train"
     assert accuracy.plan_action(str(tmp_path), 10, "bccd_test", 1)[0] == "train"
     assert accuracy.plan_action(str(tmp_path), 10, "bccd_val", 0)[0] == "train"
+
+
+def test_teacher_folder_written_recently_is_refused_until_idle(accuracy, tmp_path):
+    """A teacher folder another run may be writing is never trained into; an idle one is resumed."""
+    job = accuracy.Job("teacher", 0, "teacher", "configs/bccd/no_such_teacher.yaml", [], str(tmp_path), 10)
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text("{}\n")
+    with pytest.raises(SystemExit, match="resumes it from .* when metrics.json is 600 s old"):
+        accuracy._refuse_if_busy(str(tmp_path), job, dry_run=False)
+    accuracy._refuse_if_busy(str(tmp_path), job, dry_run=True)
+    assert "WARNING: The teacher in" in job.reason
+    old = metrics.stat().st_mtime - accuracy.TEACHER_BUSY_SECONDS - 1
+    os.utime(metrics, (old, old))
+    job.reason = ""
+    assert accuracy._refuse_if_busy(str(tmp_path), job, dry_run=False) is None and job.reason == ""
 
 
 def test_dry_run_plans_val_study_with_its_own_teacher(accuracy, tmp_path, capsys):
@@ -225,6 +270,8 @@ def test_accuracy_quick_runs_resumes_and_refuses_mixed_schedules(accuracy, tmp_p
     assert runs[("teacher", 42)]["iterations"] == 1 and runs[("fitnet", 0)]["iterations"] == 2
     assert "teacher_metrics" in runs[("fitnet", 0)]  # DISTILL.EVAL_TEACHER of the distill configs
     assert runs[("fitnet", 0)]["teacher_weights"] == runs[("teacher", 42)]["weights"]
+    balance = runs[("fitnet", 0)]["loss_balance"]  # read back from the run's metrics.json
+    assert balance["end"]["distill"] > 0 and balance["end"]["detector"] > 0 and "loss_balance" not in runs[("baseline", 0)]
     md = (tmp_path / "bccd_accuracy_quick.md").read_text()
     assert "| fitnet | 1 |" in md and "python tools/benchmark_accuracy.py --quick --output-dir" in md
     assert (tmp_path / "bccd_accuracy_quick.png").stat().st_size > 0

@@ -57,6 +57,28 @@ class _ModeProbe(HookBase):
         self.modes.append(self.teacher.training)
 
 
+@pytest.mark.parametrize("heads,teacher_first", [(["fitnet"], True), (["kd"], False)])
+def test_teacher_runs_first_unless_it_reads_the_student_proposals(tmp_path, teacher_r18_weights, heads, teacher_first):
+    """Feature-only teachers run before the student (lower peak memory); RoI teachers after it."""
+    cfg = distill_cfg(
+        "bccd/distill_fitnet_R50_R18.yaml", tmp_path, teacher_r18_weights, opts=["DISTILL.HEADS", heads], max_iter=1
+    )
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    order = []
+    handles = [
+        trainer.teacher.backbone.register_forward_pre_hook(lambda m, i: order.append("teacher")),
+        trainer.student.backbone.register_forward_pre_hook(lambda m, i: order.append("student")),
+    ]
+    try:
+        trainer.train()
+    finally:
+        for h in handles:
+            h.remove()
+    # Evaluation is off in tests (EVAL_PERIOD 0, no test set run after training): one step only.
+    assert order == (["teacher", "student"] if teacher_first else ["student", "teacher"])
+
+
 def test_final_checkpoint_loads_into_plain_detectron2(tmp_path, teacher_r18_weights):
     cfg = distill_cfg("bccd/distill_fitnet_R50_R18.yaml", tmp_path, teacher_r18_weights)
     trainer = train(cfg)

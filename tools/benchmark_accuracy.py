@@ -63,6 +63,7 @@ from d2kd.benchmark import (  # noqa: E402
     fmt_duration,
     run_from_repo_root,
     load_cfg,
+    loss_balance,
     markdown_table,
     merge_opts,
     provenance,
@@ -511,6 +512,7 @@ def render_markdown(results: dict) -> str:
             rows,
             align="lrrrrrrr",
         ),
+        *_loss_balance_lines(runs),
         f"Runs: {len(runs)}; dates {dates[0] if dates else '?'} .. {dates[-1] if dates else '?'}; "
         f"commit(s) {', '.join(c[:12] for c in commits)}{' (working tree had local changes)' if dirty else ''}.",
         "",
@@ -521,6 +523,35 @@ def render_markdown(results: dict) -> str:
         lines.append(f"    {inv['command']}    # {inv.get('date', '')}")
     lines += ["", "Per-run commands, configs and wall times: the JSON file beside this one.", ""]
     return "\n".join(lines)
+
+
+def _loss_balance_lines(runs: List[dict]) -> List[str]:
+    """A table of distillation loss / detector loss per method (mean over seeds), or nothing."""
+    by_method: Dict[str, List[dict]] = OrderedDict()
+    for e in runs:
+        if e.get("kind") == "distill" and e.get("loss_balance"):
+            by_method.setdefault(e["method"], []).append(e["loss_balance"])
+    if not by_method:
+        return []
+    rows = []
+    for method in sorted(by_method):
+        cells = [method, len(by_method[method])]
+        for when in ("start", "end"):
+            for key in ("detector", "distill", "ratio"):
+                values = [b[when][key] for b in by_method[method] if b[when][key] is not None]
+                cells.append(f"{sum(values) / len(values):.3g}" if values else "–")
+        rows.append(cells)
+    return [
+        "Loss balance (from each run's metrics.json, mean over seeds): detector loss, distillation loss "
+        "(sum of the `loss_kd_*` terms) and their ratio over the first and the last 10% of the logged "
+        "iterations with distillation on.",
+        "",
+        markdown_table(
+            ["Method", "n", "det. start", "KD start", "KD/det start", "det. end", "KD end", "KD/det end"],
+            rows,
+            align="lrrrrrrr",
+        ),
+    ]
 
 
 def _model_name(config: Optional[str]) -> str:
@@ -748,9 +779,12 @@ def _refuse_if_busy(teacher_dir: str, job: Job, dry_run: bool):
             f"paused), presumably into {teacher_dir}, which has no model_final.pth yet."
         )
     elif os.path.isfile(metrics) and time.time() - os.path.getmtime(metrics) < TEACHER_BUSY_SECONDS:
+        idle_at = time.strftime("%H:%M:%S", time.localtime(os.path.getmtime(metrics) + TEACHER_BUSY_SECONDS))
         message = (
             f"The teacher in {teacher_dir} looks like it is training right now (metrics.json changed "
-            f"{int(time.time() - os.path.getmtime(metrics))} s ago) and has no model_final.pth yet."
+            f"{int(time.time() - os.path.getmtime(metrics))} s ago) and has no model_final.pth yet. If its run "
+            f"was interrupted (no process on this machine trains it), the same command resumes it from "
+            f"{idle_at} on, when metrics.json is {TEACHER_BUSY_SECONDS} s old."
         )
     if message is None:
         return
@@ -831,6 +865,8 @@ def execute(job: Job, runner, results: dict, args, split: Dict[str, str], invoca
         entry["weights" if job.kind != "distill" else "teacher_weights"] = job.extra.get("weights")
     if "teacher/bbox" in evaluated:
         entry["teacher_metrics"] = evaluated["teacher/bbox"]
+    if job.kind == "distill":
+        entry["loss_balance"] = loss_balance(job.output_dir)
     entry.update(
         {
             k: v

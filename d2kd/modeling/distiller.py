@@ -69,15 +69,22 @@ class DistillationModel(nn.Module):
     def forward(self, batched_inputs: List[dict]):
         if not self.training:
             return self.student(batched_inputs)
+        iteration = _current_iteration()
+        factor = self.schedule(iteration)
+        # A teacher that does not read the student's proposals runs first: its transient
+        # activations are freed before the student's autograd graph exists, so the two never
+        # hold memory at the same time (lower peak, better cache use on CPU).
+        teacher_first = factor != 0.0 and not self.teacher_runner.needs_student_records
+        if teacher_first:
+            teacher_records, teacher_images = self.teacher_runner(batched_inputs, None)
         with self.student_recorder.recording():
             losses = self.student(batched_inputs)
         student_records = self.student_recorder.pop()
-        iteration = _current_iteration()
-        factor = self.schedule(iteration)
         if factor == 0.0:
             losses.update(self._inactive_terms())
             return losses
-        teacher_records, teacher_images = self.teacher_runner(batched_inputs, student_records)
+        if not teacher_first:
+            teacher_records, teacher_images = self.teacher_runner(batched_inputs, student_records)
         step = StepInputs(
             batched_inputs=batched_inputs,
             gt_instances=[x["instances"].to(self.device) for x in batched_inputs],

@@ -5,7 +5,7 @@ far as the heads need (design lessons 1-3).
 
 import logging
 import os
-from typing import List, Set
+from typing import List, Optional, Set
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +122,11 @@ class TeacherRunner:
         self.flip_channels = _needs_channel_flip(student_input_format, getattr(teacher, "input_format", student_input_format))
         self.input_scale = float(input_scale)
 
+    @property
+    def needs_student_records(self) -> bool:
+        """True when the teacher reads the student's step (its box head on the student's RoIs)."""
+        return "roi_box" in self.parts
+
     def preprocess(self, batched_inputs: List[dict]) -> ImageList:
         """Normalise with the teacher's statistics and pad with its size divisibility."""
         teacher = self.teacher
@@ -141,7 +146,7 @@ class TeacherRunner:
         )
 
     @torch.no_grad()
-    def __call__(self, batched_inputs: List[dict], student_records: Records):
+    def __call__(self, batched_inputs: List[dict], student_records: Optional[Records]):
         """Returns ``(teacher records, teacher ImageList)``; empty records if no part is needed."""
         if not self.parts:
             return Records({}), None
