@@ -281,6 +281,13 @@ def test_accuracy_quick_runs_resumes_and_refuses_mixed_schedules(accuracy, tmp_p
     again = json.loads((tmp_path / "bccd_accuracy_quick.json").read_text())
     assert [r["date"] for r in again["runs"]] == [r["date"] for r in data["runs"]]
     assert len(again["invocations"]) == 2
+    # A distill run recorded without its loss balance (older results) gets it back from its folder.
+    for r in again["runs"]:
+        r.pop("loss_balance", None)
+    (tmp_path / "bccd_accuracy_quick.json").write_text(json.dumps(again))
+    assert accuracy.main(["--quick", "--output-dir", str(tmp_path), "--report-only"]) == 0
+    restored = json.loads((tmp_path / "bccd_accuracy_quick.json").read_text())
+    assert [r.get("loss_balance") for r in restored["runs"]] == [r.get("loss_balance") for r in data["runs"]]
     # Another schedule in the same results file is refused.
     with pytest.raises(SystemExit, match="--tag"):
         accuracy.main(["--quick", "--output-dir", str(tmp_path), "--student-iters", "3"])

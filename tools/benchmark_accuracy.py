@@ -890,8 +890,15 @@ def _main(args, argv) -> int:
     args._json = json_path = os.path.join(output_dir, name + ".json")
     md_path, png_path = os.path.join(output_dir, name + ".md"), os.path.join(output_dir, name + ".png")
     results = read_json(json_path) or {}
+    backfilled = False
+    for entry in results.get("runs", []):  # runs recorded before the loss balance was: read it now
+        if entry.get("kind") == "distill" and "loss_balance" not in entry and os.path.isdir(entry["output_dir"]):
+            entry["loss_balance"] = loss_balance(entry["output_dir"])
+            backfilled = True
 
     if args.report_only:
+        if backfilled:
+            write_json(json_path, results)
         write_text(md_path, render_markdown(results))
         render_chart(results, png_path)
         print(render_markdown(results))
