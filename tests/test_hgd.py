@@ -15,7 +15,7 @@ from d2kd import get_distill_cfg
 from d2kd.capture import Records
 from d2kd.heads import BuildContext, DistillConfigError, StepInputs
 from d2kd.heads.hgd import HGD
-from d2kd.losses.imitation import weighted_imitation_loss
+from d2kd.losses.imitation import weighted_imitation_loss, weighted_imitation_losses
 from d2kd.modeling.spatial_weights import spatial_weight_map
 from d2kd.modeling.stage_weights import StageWeighting
 
@@ -308,6 +308,22 @@ def test_weighted_imitation_loss_golden():
     s2 = s1.clone().requires_grad_(True)
     zero = weighted_imitation_loss(s2, torch.zeros_like(s1), torch.zeros_like(w1))
     assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_weighted_imitation_losses_share_one_distance_map():
+    """Several weight maps (DeFeat/GKD fg and bg): each equals the direct loops, grads add up."""
+    rng = np.random.RandomState(1)
+    s, t = rng.randn(2, 4, 3, 2), rng.randn(2, 4, 3, 2)
+    fg = (rng.rand(2, 3, 2) > 0.5).astype(np.float64)
+    S = torch.tensor(s, requires_grad=True)
+    got = weighted_imitation_losses(S, torch.tensor(t), [torch.tensor(fg), torch.tensor(1.0 - fg)])
+    assert [g.item() for g in got] == [pytest.approx(_np_loss(s, t, fg)), pytest.approx(_np_loss(s, t, 1.0 - fg))]
+    (3.0 * got[0] + 12.0 * got[1]).backward()
+    # d/dS of 0.5 sum w (S-T)^2 / (C sum w) = w (S - T) / (C sum w), per mask
+    want = sum(k * m[:, None] * (s - t) / (4 * m.sum()) for k, m in ((3.0, fg), (12.0, 1.0 - fg)))
+    assert np.allclose(S.grad.numpy(), want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="weight map must be"):
+        weighted_imitation_losses(S, torch.tensor(t), [torch.tensor(fg), torch.ones(2, 3, 3)])
 
 
 def _np_attention(t, temperature):

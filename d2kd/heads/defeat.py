@@ -4,7 +4,7 @@ import torch
 from detectron2.config import CfgNode as CN
 
 from ..losses import kd_kl_div
-from ..losses.imitation import weighted_imitation_loss
+from ..losses.imitation import weighted_imitation_losses
 from ..modeling.box_masks import WINDOW_CONVENTIONS, feature_level, gt_boxes_of, level_box_masks
 from ..modeling.feature_pairs import add_feature_pairing_config, feature_pairing_from_config
 from .base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
@@ -130,11 +130,8 @@ class DeFeat(RoILogitsMixin, DistillHead):
         terms = {}
         for name, adapted, target, _ in pairs:
             mask = masks[name].to(target.device)
-            fg, bg = (
-                weighted_imitation_loss(
-                    adapted, target, m, distance="l2", channel_reduction="mean", normalizer="weight_sum", half=True
-                )
-                for m in (mask, 1.0 - mask)
+            fg, bg = weighted_imitation_losses(  # one distance map for both masks
+                adapted, target, [mask, 1.0 - mask], distance="l2", channel_reduction="mean", normalizer="weight_sum"
             )
             terms[f"{name}_fg"] = self.fg_weight * fg / n
             terms[f"{name}_bg"] = self.bg_weight * bg / n

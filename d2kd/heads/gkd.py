@@ -15,7 +15,7 @@ from detectron2.utils.events import get_event_storage
 
 from ..capture import feature_shapes
 from ..losses import binary_kd_div, kd_kl_div
-from ..losses.imitation import weighted_imitation_loss
+from ..losses.imitation import weighted_imitation_loss, weighted_imitation_losses
 from ..modeling.box_masks import assign_boxes_to_levels, box_value_mask, gt_boxes_of
 from ..modeling.feature_pairs import add_feature_pairing_config, feature_pairing_from_config
 from ..modeling.prototypes import box_average_pool, cosine_projection, mp_projection, robust_weights
@@ -82,11 +82,11 @@ def decoupled_feature_loss(
     ``max(1, .)``; here an all-zero mask gives 0 and otherwise the two agree whenever
     ``2 C sum M >= 1`` (always, unless all weights are below ``1 / (2C)``).
     """
-    loss = fg_weight * weighted_imitation_loss(adapted, teacher, mask, "l2", "mean", "weight_sum", half=True)
-    if bg_weight:
-        background = (mask <= 0).to(adapted.dtype)
-        loss = loss + bg_weight * weighted_imitation_loss(adapted, teacher, background, "l2", "mean", "weight_sum", half=True)
-    return loss
+    if not bg_weight:
+        return fg_weight * weighted_imitation_loss(adapted, teacher, mask, "l2", "mean", "weight_sum", half=True)
+    background = (mask <= 0).to(adapted.dtype)
+    fg, bg = weighted_imitation_losses(adapted, teacher, [mask, background], "l2", "mean", "weight_sum", half=True)
+    return fg_weight * fg + bg_weight * bg
 
 
 def response_loss(

@@ -3,10 +3,12 @@ Spatially weighted feature imitation: the masked hint losses of FGFI (Wang et al
 Eq. 4), DeFeat and the HGD-like reconstruction (methods.md 4, item 3), in one formula.
 """
 
+from typing import List, Sequence
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["weighted_imitation_loss", "standardize_features", "IMITATION_DISTANCES"]
+__all__ = ["weighted_imitation_loss", "weighted_imitation_losses", "standardize_features", "IMITATION_DISTANCES"]
 
 IMITATION_DISTANCES = ("l2", "l1", "smooth_l1")
 
@@ -43,11 +45,36 @@ def weighted_imitation_loss(
     and the weight are detached. A zero normaliser (e.g. only zero weights) gives a zero
     that keeps the graph.
     """
+    return weighted_imitation_losses(
+        student, teacher, [weight], distance, channel_reduction, normalizer, half, beta
+    )[0]
+
+
+def weighted_imitation_losses(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    distance: str = "l2",
+    channel_reduction: str = "mean",
+    normalizer: str = "weight_sum",
+    half: bool = True,
+    beta: float = 1.0,
+) -> List[torch.Tensor]:
+    """
+    :func:`weighted_imitation_loss` for several weight maps of the same pair of features
+    (e.g. DeFeat's foreground mask and background complement), computing the distance map
+    ``d(S - T)`` once: one loss per weight map, in order.
+    """
     if student.shape != teacher.shape:
         raise ValueError(f"Feature shapes differ: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}.")
     b, c, h, w = student.shape
-    if tuple(weight.shape) != (b, h, w):
-        raise ValueError(f"The weight map must be (B, H, W) = {(b, h, w)}, got {tuple(weight.shape)}.")
+    for weight in weights:
+        if tuple(weight.shape) != (b, h, w):
+            raise ValueError(f"The weight map must be (B, H, W) = {(b, h, w)}, got {tuple(weight.shape)}.")
+    if channel_reduction not in ("mean", "sum"):
+        raise ValueError(f"channel_reduction must be 'mean' or 'sum', got {channel_reduction!r}.")
+    if normalizer not in ("weight_sum", "num_cells"):
+        raise ValueError(f"normalizer must be 'weight_sum' or 'num_cells', got {normalizer!r}.")
     diff = student - teacher.detach()
     if distance == "l2":
         d = diff * diff
@@ -57,18 +84,18 @@ def weighted_imitation_loss(
         d = F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="none", beta=beta)
     else:
         raise ValueError(f"Unknown imitation distance {distance!r}; choose one of {IMITATION_DISTANCES}.")
-    weight = weight.detach().to(d.dtype)
-    numerator = (d.sum(dim=1) * weight).sum()
+    cell_distance = d.sum(dim=1)  # (B, H, W)
     if channel_reduction == "mean":
-        numerator = numerator / c
-    elif channel_reduction != "sum":
-        raise ValueError(f"channel_reduction must be 'mean' or 'sum', got {channel_reduction!r}.")
-    if normalizer == "weight_sum":
-        denominator = weight.sum()
-    elif normalizer == "num_cells":
-        denominator = torch.tensor(float(b * h * w), dtype=d.dtype, device=d.device)
-    else:
-        raise ValueError(f"normalizer must be 'weight_sum' or 'num_cells', got {normalizer!r}.")
+        cell_distance = cell_distance / c
     scale = 0.5 if half else 1.0
-    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-    return torch.where(denominator > 0, scale * numerator / safe, numerator * 0.0)
+    losses = []
+    for weight in weights:
+        weight = weight.detach().to(d.dtype)
+        numerator = (cell_distance * weight).sum()
+        if normalizer == "weight_sum":
+            denominator = weight.sum()
+        else:
+            denominator = torch.tensor(float(b * h * w), dtype=d.dtype, device=d.device)
+        safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+        losses.append(torch.where(denominator > 0, scale * numerator / safe, numerator * 0.0))
+    return losses
