@@ -89,6 +89,22 @@ def test_study_keeps_only_methods_of_its_student_and_teacher(tmp_path):
     assert skipped["no_heads"] == "no DISTILL.HEADS"
 
 
+def test_command_string_carries_the_speed_relevant_environment(monkeypatch):
+    from d2kd.benchmark import command_string
+
+    for k in list(os.environ):
+        if k.startswith("MALLOC_") or k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            monkeypatch.delenv(k)
+    assert command_string("tools/x.py", ["--methods", "a b"]) == "python tools/x.py --methods 'a b'"
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "68719476736")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("UNRELATED", "1")
+    assert (
+        command_string("tools/x.py", ["--seeds", "0"])
+        == "MALLOC_TRIM_THRESHOLD_=68719476736 OMP_NUM_THREADS=1 python tools/x.py --seeds 0"
+    )
+
+
 def test_merge_opts_keeps_the_last_value_of_a_key():
     assert merge_opts(["A", "1", "B", 2], ["A", "3"], [], ["C", "x"]) == ["A", "3", "B", "2", "C", "x"]
     with pytest.raises(ValueError, match="KEY VALUE"):

@@ -36,6 +36,7 @@ __all__ = [
     "split_method_pattern",
     "study_methods",
     "select_names",
+    "performance_env",
     "in_repo_root",
     "torch_threads",
     "load_cfg",
@@ -270,10 +271,25 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# Environment variables that change speed (threads, glibc's allocator): part of a benchmark's command.
+PERFORMANCE_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+PERFORMANCE_ENV_PREFIXES = ("MALLOC_",)
+
+
+def performance_env() -> Dict[str, str]:
+    """The speed-relevant environment variables set in this process, sorted by name."""
+    return {
+        k: os.environ[k]
+        for k in sorted(os.environ)
+        if k in PERFORMANCE_ENV or k.startswith(PERFORMANCE_ENV_PREFIXES)
+    }
+
+
 def command_string(script: str, argv: Optional[Sequence[str]]) -> str:
-    """The shell command that reproduces this invocation."""
+    """The shell command that reproduces this invocation, with the speed-relevant environment."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return shlex.join(["python", script] + [str(a) for a in argv])
+    env = [f"{k}={shlex.quote(v)}" for k, v in performance_env().items()]
+    return " ".join(env + [shlex.join(["python", script] + [str(a) for a in argv])])
 
 
 def sanitize(obj):
