@@ -105,6 +105,68 @@ def test_command_string_carries_the_speed_relevant_environment(monkeypatch):
     )
 
 
+class _Fatal(Exception):
+    pass
+
+
+def _scheduled(tasks, max_parallel, teacher_error=None):
+    """Run named tasks ("T" teacher, "B*" baselines, "D*" depend on T) through the scheduler."""
+    import threading
+
+    from d2kd.benchmark import run_with_dependencies
+
+    lock, log, active, peak = threading.Lock(), [], [0], [0]
+    together = threading.Barrier(2, timeout=20)  # T and B0 must be running at the same time
+
+    def run(task):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            log.append(("start", task))
+        if max_parallel > 1 and task in ("T", "B0"):
+            together.wait()
+        with lock:
+            active[0] -= 1
+            log.append(("end", task))
+        if task == "T" and teacher_error is not None:
+            raise teacher_error
+        return task.lower()
+
+    seen = []
+    outcome = run_with_dependencies(
+        tasks,
+        run,
+        max_parallel,
+        key=lambda t: t,
+        depends_on=lambda t: ["T"] if t.startswith("D") else [],
+        on_success=lambda t, result: seen.append((t, result)),
+        on_failure=lambda t, error: seen.append((t, type(error).__name__)),
+        failure_types=(ValueError,),
+    )
+    return outcome, log, peak[0], seen
+
+
+def test_scheduler_runs_side_by_side_after_dependencies():
+    outcome, log, peak, seen = _scheduled(["T", "B0", "B1", "D0", "D1"], 2)
+    assert peak == 2 and sorted(outcome["succeeded"]) == ["B0", "B1", "D0", "D1", "T"]
+    assert outcome["failed"] == [] and outcome["blocked"] == []
+    assert log.index(("start", "D0")) > log.index(("end", "T")) and ("D0", "d0") in seen
+    # One at a time: list order.
+    outcome, log, peak, _ = _scheduled(["T", "B0", "D0"], 1)
+    assert peak == 1 and [e for e in log if e[0] == "start"] == [("start", t) for t in ("T", "B0", "D0")]
+
+
+def test_scheduler_failure_blocks_dependants_and_fatal_errors_propagate():
+    outcome, log, _, seen = _scheduled(["T", "B0", "B1", "D0", "D1"], 2, teacher_error=ValueError("no teacher"))
+    assert outcome["failed"] == ["T"] and outcome["blocked"] == ["D0", "D1"]
+    assert sorted(outcome["succeeded"]) == ["B0", "B1"] and ("T", "ValueError") in seen
+    assert ("start", "D0") not in log and ("start", "D1") not in log
+    with pytest.raises(_Fatal):
+        _scheduled(["T", "B0", "B1", "D0"], 2, teacher_error=_Fatal())
+    with pytest.raises(ValueError, match="max_parallel"):
+        _scheduled(["T"], 0)
+
+
 def test_merge_opts_keeps_the_last_value_of_a_key():
     assert merge_opts(["A", "1", "B", 2], ["A", "3"], [], ["C", "x"]) == ["A", "3", "B", "2", "C", "x"]
     with pytest.raises(ValueError, match="KEY VALUE"):
@@ -304,6 +366,9 @@ def test_accuracy_quick_runs_resumes_and_refuses_mixed_schedules(accuracy, tmp_p
     assert accuracy.main(["--quick", "--output-dir", str(tmp_path), "--report-only"]) == 0
     restored = json.loads((tmp_path / "bccd_accuracy_quick.json").read_text())
     assert [r.get("loss_balance") for r in restored["runs"]] == [r.get("loss_balance") for r in data["runs"]]
+    # Side-by-side runs are subprocesses: not with the in-process quick mode.
+    with pytest.raises(SystemExit, match="--jobs N > 1 trains runs side by side in subprocesses"):
+        accuracy.main(["--quick", "--output-dir", str(tmp_path), "--jobs", "2"])
     # Another schedule in the same results file is refused.
     with pytest.raises(SystemExit, match="--tag"):
         accuracy.main(["--quick", "--output-dir", str(tmp_path), "--student-iters", "3"])

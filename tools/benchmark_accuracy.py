@@ -66,6 +66,7 @@ from d2kd.benchmark import (  # noqa: E402
     loss_balance,
     markdown_table,
     merge_opts,
+    run_with_dependencies,
     provenance,
     read_json,
     select_names,
@@ -186,6 +187,13 @@ def build_parser():
         "--threads",
         type=int,
         help="torch intra-op threads (default: torch's; --quick: 1); " "subprocess runs get OMP_NUM_THREADS",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained side by side (subprocesses; default 1). Each gets --threads or else "
+        "cpu_count // jobs threads; distillation runs start once the teacher is trained",
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan and commands, run nothing")
     p.add_argument("--report-only", action="store_true", help="only rewrite the Markdown table and chart from the JSON")
@@ -317,7 +325,10 @@ class SubprocessRunner:
                                 last_it = it
                                 done = it + 1 >= job.iterations
                                 what = "training done, evaluating" if done else f"iteration {it + 1}/{job.iterations}"
-                                print(f"    ... {what} ({fmt_duration(time.time() - start)} into this run)", flush=True)
+                                print(
+                                    f"    ... {job.label}: {what} ({fmt_duration(time.time() - start)} into this run)",
+                                    flush=True,
+                                )
             except BaseException:
                 proc.terminate()
                 try:
@@ -755,7 +766,7 @@ def plan_jobs(
             jobs.append(job)
     for job in jobs:
         job.extra.setdefault("num_gpus", args.num_gpus)
-        job.extra["threads"] = args.threads
+        job.extra["threads"] = args.threads or (max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None)
     return jobs
 
 
@@ -816,6 +827,15 @@ def execute(job: Job, runner, results: dict, args, split: Dict[str, str], invoca
     """Run one job and record its entry; returns the entry (None for skips)."""
     if job.action == "skip":
         return None
+    previous, seconds = run_job(job, runner)
+    return record_job(job, results, args, split, invocation, previous, seconds)
+
+
+def run_job(job: Job, runner):
+    """
+    Train (or evaluate, or just harvest) one job; thread-safe for different jobs. Returns
+    ``(seconds of earlier invocations or None, seconds now)``.
+    """
     timer_file = os.path.join(job.output_dir, "bench_time.json")
     previous = 0.0
     if job.action == "resume":
@@ -837,7 +857,11 @@ def execute(job: Job, runner, results: dict, args, split: Dict[str, str], invoca
                 write_json(timer_file, {"seconds": previous + time.time() - start})
     else:
         previous = (read_json(timer_file) or {}).get("seconds")  # None: not trained by this script
-    seconds = time.time() - start
+    return previous, time.time() - start
+
+
+def record_job(job: Job, results: dict, args, split: Dict[str, str], invocation: str, previous, seconds) -> dict:
+    """The results entry of a finished job (stored in ``results``, replacing an older one)."""
     evaluated = read_eval_results(job.output_dir)
     entry = {
         "method": job.method,
@@ -856,6 +880,8 @@ def execute(job: Job, runner, results: dict, args, split: Dict[str, str], invoca
         "action": job.action,
         "wall_time_s": None if previous is None else round(previous + (seconds if job.action != "harvest" else 0.0), 1),
         "in_process": bool(args.in_process),
+        "run_threads": job.extra.get("threads"),
+        "parallel_jobs": args.jobs,
         "benchmark_command": invocation,
     }
     if job.kind == "teacher_eval":
@@ -883,6 +909,13 @@ def _main(args, argv) -> int:
         args.seeds = [0] if args.quick else [0, 1, 2]
     if args.quick:
         args.in_process = True
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {args.jobs}.")
+    if args.jobs > 1 and args.in_process:
+        raise SystemExit(
+            "--jobs N > 1 trains runs side by side in subprocesses; drop --in-process (and --quick, which "
+            "runs in-process) or use --jobs 1."
+        )
         args.student_iters = args.student_iters or 2
         args.teacher_iters = args.teacher_iters or 1
     output_dir = args.output_dir or ("output/benchmarks/quick" if args.quick else "benchmarks/results")
@@ -953,31 +986,52 @@ def _main(args, argv) -> int:
     write_json(json_path, results)
     runner = InProcessRunner() if args.in_process else SubprocessRunner()
     progress = Progress([0 if j.action in ("skip", "harvest") else COST[j.kind] * j.iterations for j in jobs])
-    failures = []
-    for i, job in enumerate(jobs):
+    index = {id(job): i for i, job in enumerate(jobs)}
+    started = {}
+    teacher_keys = {job.key for job in jobs if job.kind == "teacher" and job.action != "skip"}
+    for job in jobs:
         if job.action == "skip":
-            print(progress.line(i, f"{job.label}: skipped ({job.reason})"), flush=True)
-            continue
-        print(progress.line(i, f"{job.label}: {job.action} ({job.iterations} iters) -> {job.output_dir}"), flush=True)
-        start = time.time()
-        try:
-            entry = execute(job, runner, results, args, split, command)
-        except RunFailed as e:
-            failures.append(job.label)
-            print(f"    FAILED {job.label}: {e}", flush=True)
-            if job.kind == "teacher":
-                print("The teacher could not be trained; the distillation runs need it. Stopping.", flush=True)
-                break
-            continue
-        progress.finished(i, time.time() - start)
+            print(progress.line(index[id(job)], f"{job.label}: skipped ({job.reason})"), flush=True)
+
+    def on_start(job):
+        started[id(job)] = time.time()
+        print(
+            progress.line(index[id(job)], f"{job.label}: {job.action} ({job.iterations} iters) -> {job.output_dir}"),
+            flush=True,
+        )
+
+    def on_success(job, outcome):
+        entry = record_job(job, results, args, split, command, *outcome)
+        seconds = time.time() - started[id(job)]
+        progress.finished(index[id(job)], seconds / max(1, args.jobs))
         write_json(json_path, results)
         write_text(md_path, render_markdown(results))
         m = entry["metrics"]
         print(
-            f"    {job.label} done in {fmt_duration(time.time() - start)}: "
+            f"    {job.label} done in {fmt_duration(seconds)}: "
             + ", ".join(f"{k} {m.get(k) if m.get(k) is None else round(m[k], 2)}" for k in METRICS),
             flush=True,
         )
+
+    def on_failure(job, error):
+        print(f"    FAILED {job.label}: {error}", flush=True)
+        if job.kind == "teacher":
+            print("The teacher could not be trained; the distillation runs need it.", flush=True)
+
+    outcome = run_with_dependencies(
+        [job for job in jobs if job.action != "skip"],
+        lambda job: run_job(job, runner),
+        max_parallel=args.jobs,
+        key=lambda job: job.key,
+        depends_on=lambda job: teacher_keys if job.kind == "distill" else (),
+        on_start=on_start,
+        on_success=on_success,
+        on_failure=on_failure,
+        failure_types=(RunFailed,),
+    )
+    failures = [job.label for job in outcome["failed"] + outcome["blocked"]]
+    if outcome["blocked"]:
+        print(f"Not run (their teacher failed): {[job.label for job in outcome['blocked']]}", flush=True)
 
     write_json(json_path, results)
     write_text(md_path, render_markdown(results))

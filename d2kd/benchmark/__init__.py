@@ -7,3 +7,4 @@ provenance (command, date, commit, versions), atomic JSON/Markdown output, progr
 from .common import *  # noqa: F401,F403
 from .common import __all__  # noqa: F401
 from .loss_balance import loss_balance, read_logged_iterations  # noqa: F401
+from .scheduler import run_with_dependencies  # noqa: F401
