@@ -909,6 +909,8 @@ def _main(args, argv) -> int:
         args.seeds = [0] if args.quick else [0, 1, 2]
     if args.quick:
         args.in_process = True
+        args.student_iters = args.student_iters or 2
+        args.teacher_iters = args.teacher_iters or 1
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be at least 1, got {args.jobs}.")
     if args.jobs > 1 and args.in_process:
@@ -916,8 +918,6 @@ def _main(args, argv) -> int:
             "--jobs N > 1 trains runs side by side in subprocesses; drop --in-process (and --quick, which "
             "runs in-process) or use --jobs 1."
         )
-        args.student_iters = args.student_iters or 2
-        args.teacher_iters = args.teacher_iters or 1
     output_dir = args.output_dir or ("output/benchmarks/quick" if args.quick else "benchmarks/results")
     name = _results_name(args)
     args._json = json_path = os.path.join(output_dir, name + ".json")
