@@ -823,14 +823,6 @@ def _training_processes(config: str) -> List[int]:
     return pids
 
 
-def execute(job: Job, runner, results: dict, args, split: Dict[str, str], invocation: str = "") -> Optional[dict]:
-    """Run one job and record its entry; returns the entry (None for skips)."""
-    if job.action == "skip":
-        return None
-    previous, seconds = run_job(job, runner)
-    return record_job(job, results, args, split, invocation, previous, seconds)
-
-
 def run_job(job: Job, runner):
     """
     Train (or evaluate, or just harvest) one job; thread-safe for different jobs. Returns
