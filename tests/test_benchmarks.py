@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
 
 import pytest
 
@@ -287,6 +288,72 @@ def test_run_folder_decides_harvest_resume_or_train(accuracy, tmp_path):
     assert accuracy.plan_action(str(tmp_path), 20, "bccd_test", 0)[0] == "train"
     assert accuracy.plan_action(str(tmp_path), 10, "bccd_test", 1)[0] == "train"
     assert accuracy.plan_action(str(tmp_path), 10, "bccd_val", 0)[0] == "train"
+
+
+def test_harvested_run_is_recorded_with_its_training_provenance_and_wall_time(accuracy, tmp_path, monkeypatch):
+    """
+    A run that finished after its study process had gone is harvested later: its entry takes the
+    commit, threads and command from the run folder (written when the run started), not from the
+    harvesting invocation, and its wall time from file times.
+    """
+    fake_git = {"commit": "a" * 40, "dirty": False}
+    monkeypatch.setattr(accuracy, "git_info", lambda: fake_git)
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    job = accuracy.Job("baseline", 1, "baseline", "configs/bccd/student_R18_FPN.yaml", [], out, 600, action="train")
+    job.extra.update(threads=1, parallel_jobs=2, invocation="python tools/benchmark_accuracy.py --jobs 2")
+    accuracy.note_run_start(job, start=1000.0)
+    job.action = "resume"  # a resume appends; the wall time counts from the first start
+    accuracy.note_run_start(job, start=1500.0)
+    (tmp_path / "run" / "eval_results.json").write_text(json.dumps({"bbox": {"AP": 57.0, "AP50": 90.0, "AP75": 65.0}}))
+    os.utime(os.path.join(out, "eval_results.json"), (4600.0, 4600.0))
+    found = accuracy.harvested_provenance(out)
+    assert found["wall_time_s"] == 3600.0 and "bench_job.json" in found["wall_time_source"]
+    assert found["run_threads"] == 1 and found["parallel_jobs"] == 2 and found["git"] == fake_git
+    assert found["benchmark_command"] == "python tools/benchmark_accuracy.py --jobs 2"
+
+    # harvested by another invocation with other settings: the training run's values win
+    fake_git = {"commit": "b" * 40, "dirty": True}
+    monkeypatch.setattr(accuracy, "git_info", lambda: fake_git)
+    harvest = accuracy.Job("baseline", 1, "baseline", job.config, [], out, 600, action="harvest")
+    harvest.extra.update(threads=None)
+    args = type("Args", (), {"in_process": False, "jobs": 1})()
+    split = {"train": "bccd_trainval", "test": "bccd_test"}
+    entry = accuracy.record_job(harvest, {}, args, split, "python tools/benchmark_accuracy.py", None, 0.0)
+    assert entry["git"]["commit"] == "a" * 40 and entry["run_threads"] == 1 and entry["parallel_jobs"] == 2
+    assert entry["wall_time_s"] == 3600.0 and entry["harvested_by"] == "python tools/benchmark_accuracy.py"
+    assert entry["metrics"]["AP"] == 57.0
+
+    # a folder the study never started: train_net's config.yaml marks the start
+    os.remove(os.path.join(out, "bench_job.json"))
+    (tmp_path / "run" / "config.yaml").write_text("SEED: 1\n")
+    os.utime(os.path.join(out, "config.yaml"), (4000.0, 4000.0))
+    found = accuracy.harvested_provenance(out)
+    assert found == {"wall_time_s": 600.0, "wall_time_source": "file times: config.yaml to eval_results.json"}
+
+    # a fresh "train" start forgets the previous run's starts
+    job.action = "train"
+    accuracy.note_run_start(job, start=5000.0)
+    assert [s["started"] for s in json.load(open(os.path.join(out, "bench_job.json")))["starts"]] == [5000.0]
+
+
+def test_git_info_ignores_the_benchmark_results_folder(tmp_path, monkeypatch):
+    """The studies write benchmarks/results/ while they run; that must not mark their tree dirty."""
+    from d2kd.benchmark import common
+
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    (repo / "benchmarks" / "results" / "study.json").write_text("{}\n")
+    (repo / "code.py").write_text("x = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "init"]):
+        subprocess.run(git + cmd, check=True)
+    monkeypatch.setattr(common, "REPO_ROOT", str(repo))
+    assert common.git_info()["dirty"] is False
+    (repo / "benchmarks" / "results" / "study.json").write_text('{"runs": []}\n')
+    assert common.git_info()["dirty"] is False
+    (repo / "code.py").write_text("x = 2\n")
+    assert common.git_info()["dirty"] is True
 
 
 def test_teacher_folder_written_recently_is_refused_until_idle(accuracy, tmp_path):

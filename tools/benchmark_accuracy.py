@@ -61,6 +61,7 @@ from d2kd.benchmark import (  # noqa: E402
     split_method_pattern,
     study_methods,
     fmt_duration,
+    git_info,
     run_from_repo_root,
     load_cfg,
     loss_balance,
@@ -842,6 +843,7 @@ def run_job(job: Job, runner):
         os.makedirs(job.output_dir, exist_ok=True)
         if job.kind == "teacher_eval" and os.path.isfile(os.path.join(job.output_dir, "eval_results.json")):
             os.remove(os.path.join(job.output_dir, "eval_results.json"))
+        note_run_start(job, start)
         try:
             runner.run(job, os.path.join(job.output_dir, "benchmark_stdout.log"))
         finally:
@@ -850,6 +852,54 @@ def run_job(job: Job, runner):
     else:
         previous = (read_json(timer_file) or {}).get("seconds")  # None: not trained by this script
     return previous, time.time() - start
+
+
+RUN_STARTS_FILE = "bench_job.json"
+
+
+def note_run_start(job: Job, start: float):
+    """
+    Appends this invocation's provenance to ``<run>/bench_job.json`` before the run starts, so
+    a run that finishes after its study process has gone (killed, machine restarted) and is
+    harvested later is still recorded with the commit, threads and command it trained with.
+    """
+    path = os.path.join(job.output_dir, RUN_STARTS_FILE)
+    starts = (read_json(path) or {}).get("starts", []) if job.action != "train" else []
+    starts.append(
+        {
+            "started": start,
+            "date": provenance()["date"],
+            "action": job.action,
+            "git": git_info(),
+            "run_threads": job.extra.get("threads"),
+            "parallel_jobs": job.extra.get("parallel_jobs"),
+            "benchmark_command": job.extra.get("invocation"),
+        }
+    )
+    write_json(path, {"starts": starts})
+
+
+def harvested_provenance(output_dir: str) -> dict:
+    """
+    What a harvested run's entry says about how it was trained: from ``bench_job.json`` (the
+    last start: its commit, threads, parallel jobs and command) when the study started it, and
+    its wall time from file times when no timer was written (the study process ended before
+    the run): the first start, or else train_net's ``config.yaml``, to ``eval_results.json``.
+    ``wall_time_source`` says which; a resumed run's file-time wall includes any pause.
+    """
+    found = {}
+    starts = (read_json(os.path.join(output_dir, RUN_STARTS_FILE)) or {}).get("starts", [])
+    if starts:
+        last = starts[-1]
+        found = {k: last.get(k) for k in ("git", "run_threads", "parallel_jobs", "benchmark_command")}
+        found["trained_date"] = last.get("date")
+    results = os.path.join(output_dir, "eval_results.json")
+    config = os.path.join(output_dir, "config.yaml")
+    if os.path.isfile(results) and (starts or os.path.isfile(config)):
+        begin, source = (starts[0]["started"], RUN_STARTS_FILE) if starts else (os.path.getmtime(config), "config.yaml")
+        found["wall_time_s"] = round(os.path.getmtime(results) - begin, 1)
+        found["wall_time_source"] = f"file times: {source} to eval_results.json"
+    return found
 
 
 def record_job(job: Job, results: dict, args, split: Dict[str, str], invocation: str, previous, seconds) -> dict:
@@ -892,6 +942,12 @@ def record_job(job: Job, results: dict, args, split: Dict[str, str], invocation:
             if k in ("date", "git", "torch", "detectron2", "cpu", "cpu_count", "torch_threads")
         }
     )
+    if job.action == "harvest":
+        trained = harvested_provenance(job.output_dir)
+        if entry["wall_time_s"] is not None:  # the study's own timer beats file times
+            trained.pop("wall_time_s", None), trained.pop("wall_time_source", None)
+        entry.update({k: v for k, v in trained.items() if v is not None})
+        entry["harvested_by"] = invocation
     store_entry(results, entry)
     return entry
 
@@ -920,6 +976,11 @@ def _main(args, argv) -> int:
         if entry.get("kind") == "distill" and "loss_balance" not in entry and os.path.isdir(entry["output_dir"]):
             entry["loss_balance"] = loss_balance(entry["output_dir"])
             backfilled = True
+        if entry.get("action") == "harvest" and entry.get("wall_time_s") is None:  # harvested before file times
+            found = harvested_provenance(entry["output_dir"])
+            if "wall_time_s" in found:
+                entry.update(wall_time_s=found["wall_time_s"], wall_time_source=found["wall_time_source"])
+                backfilled = True
 
     if args.report_only:
         if backfilled:
@@ -955,6 +1016,8 @@ def _main(args, argv) -> int:
 
     jobs = plan_jobs(args, methods, split, work_root, results)
     command = command_string(SCRIPT, argv)
+    for job in jobs:  # what note_run_start records in each run folder
+        job.extra.update(invocation=command, parallel_jobs=args.jobs)
     print(
         f"Accuracy study '{name}': train {split['train']}, evaluate {split['test']}; methods {list(methods)}; "
         f"seeds {args.seeds}; {'in-process' if args.in_process else 'subprocess'} runs under {work_root}"

@@ -225,10 +225,17 @@ def _git(*args) -> Optional[str]:
     return out.stdout.strip()
 
 
+RESULTS_DIR = "benchmarks/results"
+
+
 def git_info() -> Dict:
-    """The commit of the working tree and whether tracked files differ from it."""
+    """
+    The commit of the working tree and whether tracked files differ from it. Changes under
+    ``benchmarks/results/`` do not count: the benchmarks write there while they run, so
+    counting them would mark every result after the first as made from a dirty tree.
+    """
     commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){RESULTS_DIR}")
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
