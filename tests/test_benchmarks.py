@@ -323,6 +323,10 @@ def test_harvested_run_is_recorded_with_its_training_provenance_and_wall_time(ac
     assert entry["git"]["commit"] == "a" * 40 and entry["run_threads"] == 1 and entry["parallel_jobs"] == 2
     assert entry["wall_time_s"] == 3600.0 and entry["harvested_by"] == "python tools/benchmark_accuracy.py"
     assert entry["metrics"]["AP"] == 57.0
+    # a run this invocation trained is recorded with the commit it started from, not today's HEAD
+    job.action = "resume"
+    entry = accuracy.record_job(job, {}, args, split, "python tools/benchmark_accuracy.py --jobs 2", 100.0, 50.0)
+    assert entry["git"]["commit"] == "a" * 40 and entry["wall_time_s"] == 150.0
 
     # a folder the study never started: train_net's config.yaml marks the start
     os.remove(os.path.join(out, "bench_job.json"))

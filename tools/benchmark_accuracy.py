@@ -942,12 +942,14 @@ def record_job(job: Job, results: dict, args, split: Dict[str, str], invocation:
             if k in ("date", "git", "torch", "detectron2", "cpu", "cpu_count", "torch_threads")
         }
     )
+    trained = harvested_provenance(job.output_dir)
     if job.action == "harvest":
-        trained = harvested_provenance(job.output_dir)
         if entry["wall_time_s"] is not None:  # the study's own timer beats file times
             trained.pop("wall_time_s", None), trained.pop("wall_time_source", None)
         entry.update({k: v for k, v in trained.items() if v is not None})
         entry["harvested_by"] = invocation
+    elif trained.get("git"):  # the commit the run started from (HEAD may have moved since)
+        entry["git"] = trained["git"]
     store_entry(results, entry)
     return entry
 
