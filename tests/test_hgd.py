@@ -553,9 +553,10 @@ def test_bccd_run_logs_every_stage_term_and_weight(tmp_path, teacher_r50_weights
         raws = storage.history(f"kd_hgd/raw_{stage}").values()
         assert len(terms) == len(weights) == len(raws) == 2, stage
         assert all(np.isfinite(v) and v > 0 for v, _ in terms + weights + raws), stage
-        # The logged term is the logged weight times the logged raw loss.
+        # The logged term is WEIGHT (0.2 in the BCCD preset) times the logged weight times the raw loss.
+        assert cfg.DISTILL.HGD.WEIGHT == 0.2
         for (term, _), (weight, _), (raw, _) in zip(terms, weights, raws):
-            assert term == pytest.approx(weight * raw, rel=1e-4), stage
+            assert term == pytest.approx(cfg.DISTILL.HGD.WEIGHT * weight * raw, rel=1e-4), stage
         sums += [w for w, _ in weights]
     np.testing.assert_allclose(sums, [9.0, 9.0], rtol=1e-5)
     # The weights are not losses: the loss dict holds only terms.
