@@ -307,7 +307,7 @@ def test_harvested_run_is_recorded_with_its_training_provenance_and_wall_time(ac
     accuracy.note_run_start(job, start=1500.0)
     (tmp_path / "run" / "eval_results.json").write_text(json.dumps({"bbox": {"AP": 57.0, "AP50": 90.0, "AP75": 65.0}}))
     os.utime(os.path.join(out, "eval_results.json"), (4600.0, 4600.0))
-    found = accuracy.harvested_provenance(out)
+    found = accuracy.run_provenance(out)
     assert found["wall_time_s"] == 3600.0 and "bench_job.json" in found["wall_time_source"]
     assert found["run_threads"] == 1 and found["parallel_jobs"] == 2 and found["git"] == fake_git
     assert found["benchmark_command"] == "python tools/benchmark_accuracy.py --jobs 2"
@@ -332,7 +332,7 @@ def test_harvested_run_is_recorded_with_its_training_provenance_and_wall_time(ac
     os.remove(os.path.join(out, "bench_job.json"))
     (tmp_path / "run" / "config.yaml").write_text("SEED: 1\n")
     os.utime(os.path.join(out, "config.yaml"), (4000.0, 4000.0))
-    found = accuracy.harvested_provenance(out)
+    found = accuracy.run_provenance(out)
     assert found == {"wall_time_s": 600.0, "wall_time_source": "file times: config.yaml to eval_results.json"}
 
     # a fresh "train" start forgets the previous run's starts

@@ -72,6 +72,7 @@ from d2kd.benchmark import (  # noqa: E402
     read_json,
     select_names,
     write_json,
+    utc_now,
     write_text,
 )
 
@@ -868,7 +869,7 @@ def note_run_start(job: Job, start: float):
     starts.append(
         {
             "started": start,
-            "date": provenance()["date"],
+            "date": utc_now(),
             "action": job.action,
             "git": git_info(),
             "run_threads": job.extra.get("threads"),
@@ -879,12 +880,12 @@ def note_run_start(job: Job, start: float):
     write_json(path, {"starts": starts})
 
 
-def harvested_provenance(output_dir: str) -> dict:
+def run_provenance(output_dir: str) -> dict:
     """
-    What a harvested run's entry says about how it was trained: from ``bench_job.json`` (the
-    last start: its commit, threads, parallel jobs and command) when the study started it, and
-    its wall time from file times when no timer was written (the study process ended before
-    the run): the first start, or else train_net's ``config.yaml``, to ``eval_results.json``.
+    How a run was trained, read from its folder: from ``bench_job.json`` (the last start: its
+    commit, threads, parallel jobs and command) when the study started it, and its wall time
+    from file times, for a harvest whose timer was never written (the study process ended
+    before the run): the first start, or else train_net's ``config.yaml``, to ``eval_results.json``.
     ``wall_time_source`` says which; a resumed run's file-time wall includes any pause.
     """
     found = {}
@@ -942,11 +943,12 @@ def record_job(job: Job, results: dict, args, split: Dict[str, str], invocation:
             if k in ("date", "git", "torch", "detectron2", "cpu", "cpu_count", "torch_threads")
         }
     )
-    trained = harvested_provenance(job.output_dir)
+    trained = run_provenance(job.output_dir)
     if job.action == "harvest":
-        if entry["wall_time_s"] is not None:  # the study's own timer beats file times
-            trained.pop("wall_time_s", None), trained.pop("wall_time_source", None)
-        entry.update({k: v for k, v in trained.items() if v is not None})
+        keep_timer = entry["wall_time_s"] is not None  # the study's own timer beats file times
+        entry.update(
+            {k: v for k, v in trained.items() if v is not None and not (keep_timer and k.startswith("wall_time"))}
+        )
         entry["harvested_by"] = invocation
     elif trained.get("git"):  # the commit the run started from (HEAD may have moved since)
         entry["git"] = trained["git"]
@@ -979,7 +981,7 @@ def _main(args, argv) -> int:
             entry["loss_balance"] = loss_balance(entry["output_dir"])
             backfilled = True
         if entry.get("action") == "harvest" and entry.get("wall_time_s") is None:  # harvested before file times
-            found = harvested_provenance(entry["output_dir"])
+            found = run_provenance(entry["output_dir"])
             if "wall_time_s" in found:
                 entry.update(wall_time_s=found["wall_time_s"], wall_time_source=found["wall_time_source"])
                 backfilled = True

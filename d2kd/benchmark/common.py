@@ -42,6 +42,7 @@ __all__ = [
     "load_cfg",
     "merge_opts",
     "git_info",
+    "utc_now",
     "provenance",
     "command_string",
     "write_json",
@@ -228,6 +229,11 @@ def _git(*args) -> Optional[str]:
 RESULTS_DIR = "benchmarks/results"
 
 
+def utc_now() -> str:
+    """The date and time now, ISO 8601 in UTC to the second (the ``date`` of every result)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def git_info() -> Dict:
     """
     The commit of the working tree and whether tracked files differ from it. Changes under
@@ -250,7 +256,7 @@ def provenance(device: Optional[str] = None) -> Dict:
     except Exception:  # pragma: no cover
         d2_version = None
     info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "git": git_info(),
         "python": platform.python_version(),
         "torch": torch.__version__,
