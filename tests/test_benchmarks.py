@@ -214,6 +214,8 @@ def test_summary_mean_std_gain_and_gap_closed_by_hand(accuracy, tmp_path):
     md = accuracy.render_markdown(results)
     row = next(line for line in md.splitlines() if line.startswith("| m |"))
     assert row.split(" | ")[1:7] == ["2", "41.0 ± 1.4", "70.0 ± 0.0", "42.0 ± 2.8", "+9.0", "50%"]
+    assert row.rstrip(" |").split(" | ")[-1] == "s0 40.0, s1 42.0"  # each seed's AP, by seed
+    assert s["baseline"]["AP_per_seed"] == [(0, 30.0), (1, 34.0)]
     assert "python tools/benchmark_accuracy.py --seeds 0 1" in md
     png = accuracy.render_chart(results, str(tmp_path / "chart.png"))
     with open(png, "rb") as f:

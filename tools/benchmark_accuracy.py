@@ -463,6 +463,7 @@ def summarize(runs: List[dict], metrics=METRICS) -> "OrderedDict[str, dict]":
             "n": len(entries),
             "seeds": sorted(e["seed"] for e in entries),
             "iterations": sorted({e.get("iterations") for e in entries}, key=str),
+            "AP_per_seed": sorted((e["seed"], e["metrics"].get("AP")) for e in entries),
         }
         for m in metrics:
             row[m], row[m + "_std"] = _mean_std([e["metrics"].get(m) for e in entries])
@@ -506,6 +507,7 @@ def render_markdown(results: dict) -> str:
                 _fmt(r["AP_gain"], signed=True),
                 "–" if r["AP_gap_closed"] is None else f"{100 * r['AP_gap_closed']:.0f}%",
                 "/".join(str(i) for i in r["iterations"]),
+                ", ".join(f"s{seed} {_fmt(ap)}" for seed, ap in r["AP_per_seed"]),
             ]
         )
     runs = results.get("runs", [])
@@ -517,13 +519,14 @@ def render_markdown(results: dict) -> str:
         f"{_model_name(results.get('student_config'))} student ({results.get('split')} split)",
         "",
         f"Trained on `{results.get('train_dataset')}`, evaluated on `{results.get('test_dataset')}` "
-        "(COCO-style box AP, AP50, AP75, in %). Mean ± sample standard deviation over seeds (n). "
+        "(COCO-style box AP, AP50, AP75, in %). Mean ± sample standard deviation over seeds (n); "
+        "the last column lists each seed's AP (sN: SEED N). "
         "Gain: mean AP minus the baseline's mean AP. Gap closed: gain / (teacher AP − baseline AP).",
         "",
         markdown_table(
-            ["Method", "n", "AP", "AP50", "AP75", "ΔAP vs baseline", "gap closed", "iters"],
+            ["Method", "n", "AP", "AP50", "AP75", "ΔAP vs baseline", "gap closed", "iters", "AP per seed"],
             rows,
-            align="lrrrrrrr",
+            align="lrrrrrrrl",
         ),
         *_loss_balance_lines(runs),
         f"Runs: {len(runs)}; dates {dates[0] if dates else '?'} .. {dates[-1] if dates else '?'}; "
