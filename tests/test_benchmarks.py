@@ -214,8 +214,14 @@ def test_summary_mean_std_gain_and_gap_closed_by_hand(accuracy, tmp_path):
     md = accuracy.render_markdown(results)
     row = next(line for line in md.splitlines() if line.startswith("| m |"))
     assert row.split(" | ")[1:7] == ["2", "41.0 ± 1.4", "70.0 ± 0.0", "42.0 ± 2.8", "+9.0", "50%"]
-    assert row.rstrip(" |").split(" | ")[-1] == "s0 40.0, s1 42.0"  # each seed's AP, by seed
+    assert row.rstrip(" |").split(" | ")[-2:] == ["+9.0 ± 1.4 (2)", "s0 40.0, s1 42.0"]
     assert s["baseline"]["AP_per_seed"] == [(0, 30.0), (1, 34.0)]
+    # paired by seed: m - baseline = 40 - 30 = 10 (s0), 42 - 34 = 8 (s1) -> 9 ± sqrt(2);
+    # worse has only seed 0: 20 - 30 = -10, one pair, no std
+    assert (m["AP_paired_gain"], m["AP_paired_gain_std"], m["AP_paired_n"]) == (
+        pytest.approx(9.0), pytest.approx(math.sqrt(2)), 2)
+    assert (s["worse"]["AP_paired_gain"], s["worse"]["AP_paired_gain_std"]) == (pytest.approx(-10.0), None)
+    assert s["baseline"]["AP_paired_n"] == 0 and s["teacher"]["AP_paired_n"] == 0
     assert "python tools/benchmark_accuracy.py --seeds 0 1" in md
     png = accuracy.render_chart(results, str(tmp_path / "chart.png"))
     with open(png, "rb") as f:

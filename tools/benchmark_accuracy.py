@@ -477,6 +477,17 @@ def summarize(runs: List[dict], metrics=METRICS) -> "OrderedDict[str, dict]":
                 if teacher and teacher[m] is not None and teacher[m] - base[m] > 0:
                     gap = gain / (teacher[m] - base[m])
             row[m + "_gain"], row[m + "_gap_closed"] = gain, gap
+        # Paired by seed: a seed fixes the student's initialisation (built before the teacher)
+        # and the image order (the sampler's seed), so method_s - baseline_s removes the part
+        # of the seed noise the two runs share; its spread is the noise of the gain itself.
+        # Flips and RoI sampling draw from generators the teacher's construction advances.
+        diffs = []
+        if base and method not in ("baseline", "teacher"):
+            base_by_seed = dict(base["AP_per_seed"])
+            diffs = [ap - base_by_seed[seed] for seed, ap in row["AP_per_seed"]
+                     if ap is not None and base_by_seed.get(seed) is not None]
+        row["AP_paired_gain"], row["AP_paired_gain_std"] = _mean_std(diffs)
+        row["AP_paired_n"] = len(diffs)
     ordered = OrderedDict()
     for special in ("teacher", "baseline"):
         if special in rows:
@@ -507,6 +518,7 @@ def render_markdown(results: dict) -> str:
                 _fmt(r["AP_gain"], signed=True),
                 "–" if r["AP_gap_closed"] is None else f"{100 * r['AP_gap_closed']:.0f}%",
                 "/".join(str(i) for i in r["iterations"]),
+                "–" if not r["AP_paired_n"] else f"{_fmt(r['AP_paired_gain'], r['AP_paired_gain_std'], signed=True)} ({r['AP_paired_n']})",
                 ", ".join(f"s{seed} {_fmt(ap)}" for seed, ap in r["AP_per_seed"]),
             ]
         )
@@ -520,13 +532,16 @@ def render_markdown(results: dict) -> str:
         "",
         f"Trained on `{results.get('train_dataset')}`, evaluated on `{results.get('test_dataset')}` "
         "(COCO-style box AP, AP50, AP75, in %). Mean ± sample standard deviation over seeds (n); "
-        "the last column lists each seed's AP (sN: SEED N). "
+        "the last column lists each seed's AP (sN: SEED N). Paired ΔAP: mean ± std over the seeds "
+        "the method shares with the baseline of (method AP − baseline AP) at the same seed, which "
+        "starts from the same student initialisation and image order (flips and RoI sampling differ). "
         "Gain: mean AP minus the baseline's mean AP. Gap closed: gain / (teacher AP − baseline AP).",
         "",
         markdown_table(
-            ["Method", "n", "AP", "AP50", "AP75", "ΔAP vs baseline", "gap closed", "iters", "AP per seed"],
+            ["Method", "n", "AP", "AP50", "AP75", "ΔAP vs baseline", "gap closed", "iters", "paired ΔAP (pairs)",
+             "AP per seed"],
             rows,
-            align="lrrrrrrrl",
+            align="lrrrrrrrrl",
         ),
         *_loss_balance_lines(runs),
         f"Runs: {len(runs)}; dates {dates[0] if dates else '?'} .. {dates[-1] if dates else '?'}; "
