@@ -173,3 +173,41 @@ def test_plain_config_trains_a_plain_detector(tmp_path):
     trainer = train(cfg)
     assert trainer.teacher is None and len(trainer.heads) == 0
     assert not any(k.startswith("loss_kd") for k in trainer.storage.histories())
+
+
+def test_one_seed_gives_baseline_and_distilled_student_the_same_start_and_data(tmp_path, teacher_r18_weights):
+    """
+    The accuracy study's paired gain (method - baseline at the same SEED) relies on this: the
+    student is built before the teacher and the loader has its own seeded generator, so the
+    same SEED gives the same initial student, image order and augmentation with or without
+    distillation (only RoI/anchor sampling, on torch's global generator, can differ).
+    """
+    from detectron2.utils.env import seed_all_rng
+
+    def start(cfg):
+        cfg.SEED, cfg.DATALOADER.NUM_WORKERS = 3, 1  # the BCCD configs' one worker
+        seed_all_rng(cfg.SEED)  # as default_setup does
+        trainer = DistillTrainer(cfg)
+        batches = []
+        for batch in trainer.data_loader:
+            batches.append([(d["file_name"], d["image"].clone()) for d in batch])
+            if len(batches) == 3:
+                break
+        return trainer.student.state_dict(), batches
+
+    plain_state, plain_batches = start(load_test_cfg("bccd/student_R18_FPN.yaml", tmp_path / "plain"))
+    distill_state, distill_batches = start(
+        distill_cfg("bccd/distill_fitnet_R50_R18.yaml", tmp_path / "distill", teacher_r18_weights)
+    )
+    assert plain_state.keys() == distill_state.keys()
+    assert all(torch.equal(plain_state[k], distill_state[k]) for k in plain_state), "different initial student"
+    # image order and flips: the same files with the same pixels, batch by batch
+    for plain, distill in zip(plain_batches, distill_batches):
+        assert [name for name, _ in plain] == [name for name, _ in distill]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(plain, distill)), "different augmentation"
+    # and a different SEED does change the start (the check above can fail)
+    other_cfg = load_test_cfg("bccd/student_R18_FPN.yaml", tmp_path / "other")
+    seed_all_rng(4)
+    other_cfg.SEED = 4
+    other = DistillTrainer(other_cfg).student.state_dict()
+    assert not all(torch.equal(plain_state[k], other[k]) for k in plain_state)

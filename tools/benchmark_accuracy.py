@@ -477,10 +477,11 @@ def summarize(runs: List[dict], metrics=METRICS) -> "OrderedDict[str, dict]":
                 if teacher and teacher[m] is not None and teacher[m] - base[m] > 0:
                     gap = gain / (teacher[m] - base[m])
             row[m + "_gain"], row[m + "_gap_closed"] = gain, gap
-        # Paired by seed: a seed fixes the student's initialisation (built before the teacher)
-        # and the image order (the sampler's seed), so method_s - baseline_s removes the part
-        # of the seed noise the two runs share; its spread is the noise of the gain itself.
-        # Flips and RoI sampling draw from generators the teacher's construction advances.
+        # Paired by seed: a seed fixes the student's initialisation (built before the teacher),
+        # the image order and the flips (the loader's own seeded generator), so method_s -
+        # baseline_s removes the part of the seed noise the two runs share; its spread is the
+        # noise of the gain itself. Only RoI/anchor sampling (torch's global generator) differs.
+        # tests/test_trainer.py::test_one_seed_gives_baseline_and_distilled_student_the_same_start_and_data
         diffs = []
         if base and method not in ("baseline", "teacher"):
             base_by_seed = dict(base["AP_per_seed"])
@@ -534,7 +535,7 @@ def render_markdown(results: dict) -> str:
         "(COCO-style box AP, AP50, AP75, in %). Mean ± sample standard deviation over seeds (n); "
         "the last column lists each seed's AP (sN: SEED N). Paired ΔAP: mean ± std over the seeds "
         "the method shares with the baseline of (method AP − baseline AP) at the same seed, which "
-        "starts from the same student initialisation and image order (flips and RoI sampling differ). "
+        "starts from the same student initialisation, image order and flips (RoI sampling differs). "
         "Gain: mean AP minus the baseline's mean AP. Gap closed: gain / (teacher AP − baseline AP).",
         "",
         markdown_table(
