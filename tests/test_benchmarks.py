@@ -336,6 +336,12 @@ def test_harvested_run_is_recorded_with_its_training_provenance_and_wall_time(ac
     entry = accuracy.record_job(job, {}, args, split, "python tools/benchmark_accuracy.py --jobs 2", 100.0, 50.0)
     assert entry["git"]["commit"] == "a" * 40 and entry["wall_time_s"] == 150.0
 
+    # only a resume recorded (the run began before bench_job.json existed): the wall time says it is partial
+    os.remove(os.path.join(out, "bench_job.json"))
+    accuracy.note_run_start(job, start=4000.0)
+    found = accuracy.run_provenance(out)
+    assert found["wall_time_s"] == 600.0 and "earlier iterations not included" in found["wall_time_source"]
+
     # a folder the study never started: train_net's config.yaml marks the start
     os.remove(os.path.join(out, "bench_job.json"))
     (tmp_path / "run" / "config.yaml").write_text("SEED: 1\n")

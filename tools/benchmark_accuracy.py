@@ -905,7 +905,9 @@ def run_provenance(output_dir: str) -> dict:
     commit, threads, parallel jobs and command) when the study started it, and its wall time
     from file times, for a harvest whose timer was never written (the study process ended
     before the run): the first start, or else train_net's ``config.yaml``, to ``eval_results.json``.
-    ``wall_time_source`` says which; a resumed run's file-time wall includes any pause.
+    ``wall_time_source`` says which, and when the first recorded start is a resume (the run
+    began without the file) that the earlier iterations are missing; a resumed run's file-time
+    wall includes any pause.
     """
     found = {}
     starts = (read_json(os.path.join(output_dir, RUN_STARTS_FILE)) or {}).get("starts", [])
@@ -919,6 +921,8 @@ def run_provenance(output_dir: str) -> dict:
         begin, source = (starts[0]["started"], RUN_STARTS_FILE) if starts else (os.path.getmtime(config), "config.yaml")
         found["wall_time_s"] = round(os.path.getmtime(results) - begin, 1)
         found["wall_time_source"] = f"file times: {source} to eval_results.json"
+        if starts and starts[0].get("action") == "resume":  # started before bench_job.json existed
+            found["wall_time_source"] += " (first recorded start is a resume: earlier iterations not included)"
     return found
 
 
@@ -999,9 +1003,11 @@ def _main(args, argv) -> int:
         if entry.get("kind") == "distill" and "loss_balance" not in entry and os.path.isdir(entry["output_dir"]):
             entry["loss_balance"] = loss_balance(entry["output_dir"])
             backfilled = True
-        if entry.get("action") == "harvest" and entry.get("wall_time_s") is None:  # harvested before file times
+        # harvested before file times were read (None), or read by an older rule: read them now
+        timed_by_files = entry.get("wall_time_s") is None or (entry.get("wall_time_source") or "").startswith("file times")
+        if entry.get("action") == "harvest" and timed_by_files and os.path.isdir(entry["output_dir"]):
             found = run_provenance(entry["output_dir"])
-            if "wall_time_s" in found:
+            if "wall_time_s" in found and found["wall_time_source"] != entry.get("wall_time_source"):
                 entry.update(wall_time_s=found["wall_time_s"], wall_time_source=found["wall_time_source"])
                 backfilled = True
 
