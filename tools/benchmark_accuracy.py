@@ -49,6 +49,7 @@ from typing import Dict, List, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from d2kd.benchmark import (  # noqa: E402
+    RESULTS_DIR,
     QUICK_INPUT_OPTS,
     REPO_ROOT,
     METHOD_CONFIG_PATTERN,
@@ -505,6 +506,13 @@ def _fmt(mean, std=None, signed=False, digits=1):
     return text + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
+def _fmt_paired(row) -> str:
+    """The paired gain cell: ``+mean ± std (pairs)``, or a dash without pairs."""
+    if not row["AP_paired_n"]:
+        return "–"
+    return f"{_fmt(row['AP_paired_gain'], row['AP_paired_gain_std'], signed=True)} ({row['AP_paired_n']})"
+
+
 def render_markdown(results: dict) -> str:
     summary = summarize(results.get("runs", []))
     rows = []
@@ -519,7 +527,7 @@ def render_markdown(results: dict) -> str:
                 _fmt(r["AP_gain"], signed=True),
                 "–" if r["AP_gap_closed"] is None else f"{100 * r['AP_gap_closed']:.0f}%",
                 "/".join(str(i) for i in r["iterations"]),
-                "–" if not r["AP_paired_n"] else f"{_fmt(r['AP_paired_gain'], r['AP_paired_gain_std'], signed=True)} ({r['AP_paired_n']})",
+                _fmt_paired(r),
                 ", ".join(f"s{seed} {_fmt(ap)}" for seed, ap in r["AP_per_seed"]),
             ]
         )
@@ -993,7 +1001,7 @@ def _main(args, argv) -> int:
             "--jobs N > 1 trains runs side by side in subprocesses; drop --in-process (and --quick, which "
             "runs in-process) or use --jobs 1."
         )
-    output_dir = args.output_dir or ("output/benchmarks/quick" if args.quick else "benchmarks/results")
+    output_dir = args.output_dir or ("output/benchmarks/quick" if args.quick else RESULTS_DIR)
     name = _results_name(args)
     args._json = json_path = os.path.join(output_dir, name + ".json")
     md_path, png_path = os.path.join(output_dir, name + ".md"), os.path.join(output_dir, name + ".png")
@@ -1004,7 +1012,7 @@ def _main(args, argv) -> int:
             entry["loss_balance"] = loss_balance(entry["output_dir"])
             backfilled = True
         # harvested before file times were read (None), or read by an older rule: read them now
-        timed_by_files = entry.get("wall_time_s") is None or (entry.get("wall_time_source") or "").startswith("file times")
+        timed_by_files = entry.get("wall_time_s") is None or str(entry.get("wall_time_source")).startswith("file times")
         if entry.get("action") == "harvest" and timed_by_files and os.path.isdir(entry["output_dir"]):
             found = run_provenance(entry["output_dir"])
             if "wall_time_s" in found and found["wall_time_source"] != entry.get("wall_time_source"):

@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from d2kd.benchmark import (  # noqa: E402
+    RESULTS_DIR,
     BCCD_CONFIG_DIR,
     METHOD_CONFIG_PATTERN,
     QUICK_INPUT_OPTS,
@@ -501,7 +502,7 @@ def _main(args, argv) -> int:
         if args.device == "auto" and torch.cuda.is_available()
         else ("cpu" if args.device == "auto" else args.device)
     )
-    output_dir = args.output_dir or ("output/benchmarks/quick" if args.quick else "benchmarks/results")
+    output_dir = args.output_dir or ("output/benchmarks/quick" if args.quick else RESULTS_DIR)
     name = "overhead" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
 
     available = discover_methods(*split_method_pattern(args.method_configs))

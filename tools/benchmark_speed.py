@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from d2kd.benchmark import (  # noqa: E402
+    RESULTS_DIR,
     BCCD_CONFIG_DIR,
     QUICK_INPUT_OPTS,
     STUDENT_CONFIG,
@@ -148,7 +149,7 @@ def _main(args, argv) -> int:
         if args.device == "auto" and torch.cuda.is_available()
         else ("cpu" if args.device == "auto" else args.device)
     )
-    output_dir = args.output_dir or ("output/benchmarks/quick" if q else "benchmarks/results")
+    output_dir = args.output_dir or ("output/benchmarks/quick" if q else RESULTS_DIR)
     name = "speed" + ("_quick" if q else "")
 
     from d2kd import register_bccd

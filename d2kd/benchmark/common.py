@@ -42,6 +42,7 @@ __all__ = [
     "load_cfg",
     "merge_opts",
     "git_info",
+    "RESULTS_DIR",
     "utc_now",
     "provenance",
     "command_string",
@@ -226,6 +227,7 @@ def _git(*args) -> Optional[str]:
     return out.stdout.strip()
 
 
+# Where the benchmark scripts write their JSON, Markdown and charts (tracked in the repo).
 RESULTS_DIR = "benchmarks/results"
 
 
