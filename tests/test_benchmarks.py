@@ -14,7 +14,15 @@ import pytest
 
 from conftest import REPO
 
-from d2kd.benchmark import discover_methods, loss_balance, merge_opts, select_names
+from d2kd.benchmark import (
+    discover_methods,
+    loss_balance,
+    merge_opts,
+    render_chart,
+    render_markdown,
+    select_names,
+    summarize,
+)
 
 
 def _load_tool(name):
@@ -174,7 +182,7 @@ def test_merge_opts_keeps_the_last_value_of_a_key():
         merge_opts(["A"])
 
 
-def test_summary_mean_std_gain_and_gap_closed_by_hand(accuracy, tmp_path):
+def test_summary_mean_std_gain_and_gap_closed_by_hand(tmp_path):
     def run(method, seed, ap, ap50, ap75):
         return {"method": method, "seed": seed, "iterations": 600, "metrics": {"AP": ap, "AP50": ap50, "AP75": ap75}}
 
@@ -186,7 +194,7 @@ def test_summary_mean_std_gain_and_gap_closed_by_hand(accuracy, tmp_path):
         run("m", 1, 42.0, 70.0, 44.0),
         run("worse", 0, 20.0, None, 10.0),
     ]
-    s = accuracy.summarize(runs)
+    s = summarize(runs)
     assert list(s) == ["teacher", "baseline", "m", "worse"]
     # baseline: mean 32, sample std sqrt(((30-32)^2 + (34-32)^2) / 1) = sqrt(8)
     assert s["baseline"]["AP"] == pytest.approx(32.0) and s["baseline"]["AP_std"] == pytest.approx(math.sqrt(8))
@@ -211,7 +219,7 @@ def test_summary_mean_std_gain_and_gap_closed_by_hand(accuracy, tmp_path):
         "runs": runs,
         "invocations": [{"command": "python tools/benchmark_accuracy.py --seeds 0 1", "date": "d"}],
     }
-    md = accuracy.render_markdown(results)
+    md = render_markdown(results)
     row = next(line for line in md.splitlines() if line.startswith("| m |"))
     assert row.split(" | ")[1:7] == ["2", "41.0 ± 1.4", "70.0 ± 0.0", "42.0 ± 2.8", "+9.0", "50%"]
     assert row.rstrip(" |").split(" | ")[-2:] == ["+9.0 ± 1.4 (2)", "s0 40.0, s1 42.0"]
@@ -223,12 +231,12 @@ def test_summary_mean_std_gain_and_gap_closed_by_hand(accuracy, tmp_path):
     assert (s["worse"]["AP_paired_gain"], s["worse"]["AP_paired_gain_std"]) == (pytest.approx(-10.0), None)
     assert s["baseline"]["AP_paired_n"] == 0 and s["teacher"]["AP_paired_n"] == 0
     assert "python tools/benchmark_accuracy.py --seeds 0 1" in md
-    png = accuracy.render_chart(results, str(tmp_path / "chart.png"))
+    png = render_chart(results, str(tmp_path / "chart.png"))
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_loss_balance_from_metrics_json_by_hand(accuracy, tmp_path):
+def test_loss_balance_from_metrics_json_by_hand(tmp_path):
     """First/last 10% of the iterations with distillation on; a resumed run's repeats count once."""
     lines = []
     for it in range(20):  # distillation off (warm-up) for iterations 0..9
@@ -253,7 +261,7 @@ def test_loss_balance_from_metrics_json_by_hand(accuracy, tmp_path):
          "metrics": {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}}
         for s in (0, 1)
     ]
-    md = accuracy.render_markdown({"split": "test", "runs": runs, "invocations": []})
+    md = render_markdown({"split": "test", "runs": runs, "invocations": []})
     row = next(line for line in md.splitlines() if line.startswith("| fitnet | 2 | 1.5"))
     assert row.rstrip(" |").split(" | ")[1:8] == ["2", "1.5", "1", "0.667", "3", "3", "1"]
 

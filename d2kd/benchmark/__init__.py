@@ -1,10 +1,12 @@
 """
 Helpers shared by the benchmark scripts in ``tools/`` (``benchmark_accuracy.py``,
 ``benchmark_overhead.py``, ``benchmark_speed.py``): method discovery from the config files,
-provenance (command, date, commit, versions), atomic JSON/Markdown output, progress/ETA.
+provenance (command, date, commit, versions), atomic JSON/Markdown output, progress/ETA, and
+the accuracy study's report (``accuracy_report``).
 """
 
 from .common import *  # noqa: F401,F403
 from .common import __all__  # noqa: F401
+from .accuracy_report import METRICS, render_chart, render_markdown, summarize  # noqa: F401
 from .loss_balance import loss_balance, read_logged_iterations  # noqa: F401
 from .scheduler import run_with_dependencies  # noqa: F401
