@@ -484,6 +484,7 @@ def test_released_code_preset_has_no_global_term(gkd_run, teacher_r18_weights, t
         (["DISTILL.GKD.IN_FEATURES", ["p2", "p4", "p5"]], "consecutive FPN levels"),
         (["DISTILL.GKD.IN_FEATURES", ["p2", "p3", "p4"]], "no prototypes for.*p5"),
         (["DISTILL.GKD.GLOBAL_WEIGHT", 0.0, "DISTILL.GKD.FEATURE_WEIGHT", 0.0, "DISTILL.GKD.RESPONSE_WEIGHT", 0.0], "nothing to distil"),
+        (["DISTILL.GKD.ROBUST_WEIGHT_FLOOR", -2.0], "ROBUST_WEIGHT_FLOOR must be in"),
     ],
 )
 def test_bad_config_is_a_build_error(gkd_run, teacher_r18_weights, tmp_path, opts, message):
@@ -491,6 +492,30 @@ def test_bad_config_is_a_build_error(gkd_run, teacher_r18_weights, tmp_path, opt
     cfg = distill_cfg("bccd/distill_gkd_R50_R18.yaml", tmp_path, teacher_r18_weights, opts=opts)
     with pytest.raises(DistillConfigError, match=message):
         GKD(cfg, BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher.d2kd_cfg))
+
+
+def test_robust_weight_floor(gkd_run, teacher_r18_weights, tmp_path):
+    """Eq. 8 reaches -1 when the two spaces disagree; the head raises it to ROBUST_WEIGHT_FLOOR
+    (default 0), and -1.0 keeps the code's raw weight."""
+    _, trainer, _ = gkd_run
+    c = 128
+    # Class 0: student prototypes all along e0 (max cos 1 for a student instance along e0);
+    # teacher prototypes all along -e0 (max cos -1 for a teacher instance along e0): w = 1 - 2 = -1.
+    # Class 1: max cos 0.8 in the student space, 0.5 in the teacher space: w = 0.7.
+    e0, e1 = torch.zeros(c), torch.zeros(c)
+    e0[0], e1[1] = 1.0, 1.0
+    p_s = torch.stack([e0.repeat(10, 1), (0.8 * e0 + 0.6 * e1).repeat(10, 1), e0.repeat(10, 1)])
+    p_t = torch.stack([(-e0).repeat(10, 1), (0.5 * e0 + math.sqrt(0.75) * e1).repeat(10, 1), e0.repeat(10, 1)])
+    feats, labels = torch.stack([e0, e0]), torch.tensor([0, 1])
+    expected = {0.0: [0.0, 0.7], -1.0: [-1.0, 0.7], 0.75: [0.75, 0.75]}
+    for floor, want in expected.items():
+        opts = [] if floor == 0.0 else ["DISTILL.GKD.ROBUST_WEIGHT_FLOOR", floor]
+        cfg = distill_cfg("bccd/distill_gkd_R50_R18.yaml", tmp_path / str(floor), teacher_r18_weights, opts=opts)
+        head = GKD(cfg, BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher.d2kd_cfg))
+        for cls in range(3):
+            head.set_prototypes(0, cls, p_s[cls], p_t[cls])
+        w = head._robust_weights(feats, feats, "p2", labels)
+        torch.testing.assert_close(w, torch.tensor(want), rtol=0, atol=1e-6)
 
 
 def test_prototype_update_schedule():

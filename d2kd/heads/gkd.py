@@ -149,7 +149,9 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
       (returned by :meth:`build_hooks`) before training and every ``PGM.PERIOD`` iterations,
       and held in persistent buffers (checkpointed under ``"distiller"``).
     - Robust weight (Eq. 8, detached): ``w = 1 - |max cos(f_s, P_s,c) - max cos(f_t, P_t,c)|``
-      with the prototypes of the instance's class at that level (``ROBUST_WEIGHTS``).
+      with the prototypes of the instance's class at that level (``ROBUST_WEIGHTS``), raised
+      to at least ``ROBUST_WEIGHT_FLOOR`` (default 0; the formula reaches -1, and a negative
+      weight turns a term into one the optimiser maximises: d2kd's choice, not the code's).
     - ``global_<level>`` (Eq. 6): SmoothL1 between ``w * phi`` of student and teacher on all
       prototypes of the level, every instance on every level, levels summed. ``PROJECTION``:
       "cosine" (the code) or "mp" (Eq. 5 coefficients; the paper's wording, [UNVERIFIED]).
@@ -195,6 +197,12 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
         node.RESPONSE_WEIGHT = 5.0
         # Eq. 8 robust weights on all terms (False: w = 1).
         node.ROBUST_WEIGHTS = True
+        # Lower bound of the Eq. 8 weight, which lies in [-1, 1]: an instance whose student and
+        # teacher similarities to their prototypes differ by more than 1 gets a negative weight,
+        # and its squared-error / KL term becomes one the optimiser maximises, without bound.
+        # 0.0 drops such instances (d2kd's default: the BCCD gkd run diverged without it, README);
+        # -1.0 keeps the code's unclamped weight.
+        node.ROBUST_WEIGHT_FLOOR = 0.0
         # Eq. 6 projection: "cosine" (released code) or "mp" (Eq. 5 coefficients, [UNVERIFIED]).
         node.PROJECTION = "cosine"
         # Eq. 7: foreground weight, background weight (code: 4; paper: none).
@@ -237,6 +245,7 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
         self.feature_weight = float(opts.FEATURE_WEIGHT)
         self.response_weight = float(opts.RESPONSE_WEIGHT)
         self.use_robust = bool(opts.ROBUST_WEIGHTS)
+        self.robust_floor = float(opts.ROBUST_WEIGHT_FLOOR)
         self.projection = opts.PROJECTION
         self.alpha = float(opts.PGM.ALPHA)
         self.fg_weight, self.bg_weight = float(opts.FG_WEIGHT), float(opts.BG_WEIGHT)
@@ -329,6 +338,8 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
             problems.append("GLOBAL_WEIGHT, FEATURE_WEIGHT and RESPONSE_WEIGHT are all 0: nothing to distil")
         if opts.FEATURE_WEIGHT > 0 and opts.FG_WEIGHT == 0 and opts.BG_WEIGHT == 0:
             problems.append("FEATURE_WEIGHT > 0 but FG_WEIGHT and BG_WEIGHT are 0")
+        if not -1.0 <= opts.ROBUST_WEIGHT_FLOOR <= 1.0:
+            problems.append(f"ROBUST_WEIGHT_FLOOR must be in [-1, 1] (the range of Eq. 8), got {opts.ROBUST_WEIGHT_FLOOR}")
         if opts.TEMPERATURE <= 0:
             problems.append(f"TEMPERATURE must be > 0, got {opts.TEMPERATURE}")
         if opts.ANCHOR_KL not in ANCHOR_KL_FORMS:
@@ -450,6 +461,13 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
             )
         return pooled_s, pooled_t
 
+    def _robust_weights(self, pooled_s, pooled_t, name, labels) -> torch.Tensor:
+        """Eq. 8 weights (:func:`~d2kd.modeling.prototypes.robust_weights`) of instances pooled
+        at level ``name``, raised to at least ``ROBUST_WEIGHT_FLOOR``. A negative weight would
+        make the optimiser push the student away from the teacher on that instance."""
+        w = robust_weights(pooled_s, pooled_t, *self.prototypes(name), labels)
+        return w.clamp(min=self.robust_floor)
+
     @torch.no_grad()
     def _assigned_level_weights(self, student, teacher, boxes, labels) -> List[torch.Tensor]:
         """Per image, the Eq. 8 weight of each instance at the level the box-to-level rule
@@ -463,7 +481,7 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
             s = self.pairing.student_feature(student, name)
             t = self.pairing.teacher_feature(teacher, name)
             pooled_s, pooled_t = self._pool_instances(s, t, name, [b[h] for b, h in zip(boxes, here)])
-            w = robust_weights(pooled_s, pooled_t, *self.prototypes(name), torch.cat([l[h] for l, h in zip(labels, here)]))
+            w = self._robust_weights(pooled_s, pooled_t, name, torch.cat([l[h] for l, h in zip(labels, here)]))
             for w_img, h, part in zip(weights, here, w.split([int(h.sum()) for h in here])):
                 w_img[h] = part.to(w_img.dtype)
         return weights
@@ -485,7 +503,7 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
             inst_labels = torch.cat([l[c] for l, c in zip(labels, chosen)])
             pooled_s, pooled_t = self._pool_instances(s, t, name, [b[c] for b, c in zip(boxes, chosen)])
             if self.use_robust:
-                w = robust_weights(pooled_s, pooled_t, *self.prototypes(name), inst_labels)
+                w = self._robust_weights(pooled_s, pooled_t, name, inst_labels)
             else:
                 w = torch.ones(len(inst_labels), device=s.device)
             if self.global_weight > 0:
@@ -534,7 +552,7 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
                 for idx in level_idx.unique().tolist():
                     sel = level_idx == idx
                     name = self._box_in_features[idx]
-                    weights[sel] = robust_weights(s_roi[sel], t_roi[sel], *self.prototypes(name), pos_labels[sel])
+                    weights[sel] = self._robust_weights(s_roi[sel], t_roi[sel], name, pos_labels[sel])
         return student_scores[pos], teacher_scores[pos], weights
 
     def _anchor_response_rows(self, student, teacher):
