@@ -363,6 +363,38 @@ def test_harvested_run_is_recorded_with_its_training_provenance_and_wall_time(ac
     assert [s["started"] for s in json.load(open(os.path.join(out, "bench_job.json")))["starts"]] == [5000.0]
 
 
+def test_results_file_keeps_the_runs_of_another_study_process(accuracy, tmp_path):
+    """Two study processes writing one JSON file (each re-reads it before writing) keep each
+    other's runs and invocations; a run of the same method and seed is replaced."""
+    path = str(tmp_path / "study.json")
+
+    def run(method, seed, ap):
+        return {"method": method, "seed": seed, "metrics": {"AP": ap}}
+
+    with open(path, "w") as f:
+        json.dump({"benchmark": "b", "invocations": [{"command": "first"}], "runs": [run("baseline", 0, 50.0)]}, f)
+    with open(path) as f:
+        first = accuracy.ResultsFile(path, json.load(f))
+    with open(path) as f:
+        second = accuracy.ResultsFile(path, json.load(f))
+    first.add_invocation({"command": "mine"})
+    first.write()
+    second.add_invocation({"command": "other"})
+    second.add_run(run("kd", 0, 51.0))
+    second.write()
+    first.add_run(run("fgd", 1, 52.0))
+    first.add_run(run("baseline", 0, 49.0))
+    first.write()
+    with open(path) as f:
+        on_disk = json.load(f)
+    assert {(r["method"], r["seed"]): r["metrics"]["AP"] for r in on_disk["runs"]} == {
+        ("baseline", 0): 49.0, ("fgd", 1): 52.0, ("kd", 0): 51.0,
+    }
+    assert [r["method"] for r in on_disk["runs"]] == ["baseline", "fgd", "kd"]
+    assert [i["command"] for i in on_disk["invocations"]] == ["first", "mine", "other"]
+    assert first.results == on_disk and on_disk["benchmark"] == "b"
+
+
 def test_git_info_ignores_the_benchmark_results_folder(tmp_path, monkeypatch):
     """The studies write benchmarks/results/ while they run; that must not mark their tree dirty."""
     from d2kd.benchmark import common

@@ -604,7 +604,8 @@ def test_head_terms_on_hand_made_records(gkd_run):
     log_q = torch.log_softmax(zt[0] / 2, 0).numpy()
     log_p = torch.log_softmax(zs[0] / 2, 0).numpy()
     kl = (np.exp(log_q) * (log_q - log_p)).sum()
-    assert float(terms["resp"]) == pytest.approx(5.0 * w_r * 4 * kl, rel=1e-5)
+    # T^2 = 4; KL_CLASS_MEAN (default) divides by the K+1 logits.
+    assert float(terms["resp"]) == pytest.approx(5.0 * w_r * 4 * kl / zt.shape[1], rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -761,8 +762,13 @@ def test_anchor_response_on_hand_made_records(gkd_retina_run):
 
     terms = head(student, teacher, step_inputs)
     assert set(terms) == {"resp"}
-    expected = 5.0 * (w * _np_binary_kl(rows_s, rows_t, 2.0)).sum() / len(anchors)
+    expected = 5.0 * (w * _np_binary_kl(rows_s, rows_t, 2.0) / n_cls).sum() / len(anchors)
     assert float(terms["resp"]) == pytest.approx(expected, rel=1e-5)
+    # KL_CLASS_MEAN False: the per-class binary KL summed over the K classes, not averaged.
+    summed = _retina_head(cfg, trainer, ["DISTILL.GKD.KL_CLASS_MEAN", False])
+    summed.load_state_dict(head.state_dict())
+    expected_sum = 5.0 * (w * _np_binary_kl(rows_s, rows_t, 2.0)).sum() / len(anchors)
+    assert float(summed(student, teacher, step_inputs)["resp"]) == pytest.approx(expected_sum, rel=1e-5)
 
     # Gradients reach exactly the positive anchors' student logits.
     zs_grad = {n: zs[n].clone().requires_grad_() for n in sizes}
@@ -782,7 +788,7 @@ def test_anchor_response_on_hand_made_records(gkd_retina_run):
     assert float(soft(student, teacher, step_inputs)["resp"]) == pytest.approx(expected, rel=1e-5)
     # Without robust weights every positive anchor counts 1.
     plain = _retina_head(cfg, trainer, ["DISTILL.GKD.ROBUST_WEIGHTS", False, "DISTILL.GKD.GLOBAL_WEIGHT", 0.0])
-    expected = 5.0 * _np_binary_kl(rows_s, rows_t, 2.0).mean()
+    expected = 5.0 * (_np_binary_kl(rows_s, rows_t, 2.0) / n_cls).mean()
     assert float(plain(student, teacher, step_inputs)["resp"]) == pytest.approx(expected, rel=1e-5)
 
 

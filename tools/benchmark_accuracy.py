@@ -438,6 +438,41 @@ def store_entry(results: dict, entry: dict):
     results["runs"] = runs
 
 
+class ResultsFile:
+    """
+    The study's JSON file, written by merging: each :meth:`write` re-reads the file and puts
+    this process's runs (:meth:`add_run`) and invocation into it, so two study processes
+    writing the same file (e.g. two ``--threads 1`` studies side by side) keep each other's
+    runs; a run of the same method and seed is replaced. ``results`` is updated in place to
+    what was written (the Markdown and the chart are drawn from it).
+    """
+
+    def __init__(self, path: str, results: dict):
+        self.path, self.results = path, results
+        self.runs: Dict[tuple, dict] = {}
+        self.invocations: List[dict] = []
+
+    def add_run(self, entry: dict):
+        self.runs[(entry["method"], entry["seed"])] = entry
+
+    def add_invocation(self, invocation: dict):
+        self.invocations.append(invocation)
+        self.results.setdefault("invocations", []).append(invocation)
+
+    def write(self):
+        on_disk = read_json(self.path) or {}
+        merged = dict(on_disk)
+        merged.update({k: v for k, v in self.results.items() if k not in ("runs", "invocations")})
+        merged["runs"] = list(on_disk.get("runs", self.results.get("runs", [])))
+        for entry in self.runs.values():
+            store_entry(merged, entry)
+        invocations = list(on_disk.get("invocations", self.results.get("invocations", [])))
+        merged["invocations"] = invocations + [i for i in self.invocations if i not in invocations]
+        self.results.clear()
+        self.results.update(merged)
+        write_json(self.path, self.results)
+
+
 # ----------------------------------------------------------------------------- the study
 
 
@@ -809,10 +844,12 @@ def _main(args, argv) -> int:
     args._json = json_path = os.path.join(output_dir, name + ".json")
     md_path, png_path = os.path.join(output_dir, name + ".md"), os.path.join(output_dir, name + ".png")
     results = read_json(json_path) or {}
+    store = ResultsFile(json_path, results)
     backfilled = False
     for entry in results.get("runs", []):  # runs recorded before the loss balance was: read it now
         if entry.get("kind") == "distill" and "loss_balance" not in entry and os.path.isdir(entry["output_dir"]):
             entry["loss_balance"] = loss_balance(entry["output_dir"])
+            store.add_run(entry)
             backfilled = True
         # harvested before file times were read (None), or read by an older rule: read them now
         timed_by_files = entry.get("wall_time_s") is None or str(entry.get("wall_time_source")).startswith("file times")
@@ -820,11 +857,12 @@ def _main(args, argv) -> int:
             found = run_provenance(entry["output_dir"])
             if "wall_time_s" in found and found["wall_time_source"] != entry.get("wall_time_source"):
                 entry.update(wall_time_s=found["wall_time_s"], wall_time_source=found["wall_time_source"])
+                store.add_run(entry)
                 backfilled = True
 
     if args.report_only:
         if backfilled:
-            write_json(json_path, results)
+            store.write()
         write_text(md_path, render_markdown(results))
         render_chart(results, png_path)
         print(render_markdown(results))
@@ -877,8 +915,8 @@ def _main(args, argv) -> int:
         register_bccd()
 
     invocation = {"command": command, **provenance()}
-    results.setdefault("invocations", []).append({k: invocation[k] for k in ("command", "date", "git")})
-    write_json(json_path, results)
+    store.add_invocation({k: invocation[k] for k in ("command", "date", "git")})
+    store.write()
     runner = InProcessRunner() if args.in_process else SubprocessRunner()
     progress = Progress([0 if j.action in ("skip", "harvest") else COST[j.kind] * j.iterations for j in jobs])
     index = {id(job): i for i, job in enumerate(jobs)}
@@ -897,9 +935,10 @@ def _main(args, argv) -> int:
 
     def on_success(job, outcome):
         entry = record_job(job, results, args, split, command, *outcome)
+        store.add_run(entry)
         seconds = time.time() - started[id(job)]
         progress.finished(index[id(job)], seconds / max(1, args.jobs))
-        write_json(json_path, results)
+        store.write()
         write_text(md_path, render_markdown(results))
         m = entry["metrics"]
         print(
@@ -928,7 +967,7 @@ def _main(args, argv) -> int:
     if outcome["blocked"]:
         print(f"Not run (their teacher failed): {[job.label for job in outcome['blocked']]}", flush=True)
 
-    write_json(json_path, results)
+    store.write()
     write_text(md_path, render_markdown(results))
     render_chart(results, png_path)
     print(render_markdown(results))

@@ -172,8 +172,9 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
       softmax across them (methods.md 3(iii): a mismatch). ``w_r`` is the Eq. 8 weight of the
       GT instance the anchor is matched to, from its pooled features at the level the
       box-to-level rule assigns it (the level of its feature-term mask; the code's
-      one-stage weighting is [UNVERIFIED]). ``KL_CLASS_MEAN`` divides by the number of
-      logits, K+1 or K (the code's mean over classes).
+      one-stage weighting is [UNVERIFIED]). ``KL_CLASS_MEAN`` (default) divides by the number
+      of logits, K+1 or K: the ``1/(K+1)`` of methods.md 3(iii)'s response formula (the
+      code's mean over classes).
     - ``LINEAR_DECAY``: ``1 - iter / MAX_ITER`` on the global and feature terms only (the
       code's per-epoch ``kd_attenuation``; not in the paper).
     - Model pairs: the response term needs student and teacher of the same kind (two RoI
@@ -208,9 +209,12 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
         # Eq. 7: foreground weight, background weight (code: 4; paper: none).
         node.FG_WEIGHT = 1.0
         node.BG_WEIGHT = 0.0
-        # Response KL temperature; KL_CLASS_MEAN: divide the KL by K+1 (K on RetinaNet) as the code does.
+        # Response KL temperature; KL_CLASS_MEAN: divide the KL by K+1 (K on RetinaNet), the
+        # 1/(K+1) of the response formula (methods.md 3(iii), paper text + code). False sums over
+        # classes: with RESPONSE_WEIGHT 5 that is (K+1)x the scale, and it made the BCCD gkd run
+        # diverge once the second prototype update raised the robust weights (README).
         node.TEMPERATURE = 2.0
-        node.KL_CLASS_MEAN = False
+        node.KL_CLASS_MEAN = True
         # RetinaNet response on the sigmoid logits: "binary" (per-class binary KL) or "softmax"
         # (the released code's softmax across the K sigmoid logits, methods.md 3(iii)).
         node.ANCHOR_KL = "binary"
