@@ -32,7 +32,7 @@ from detectron2.utils.logger import setup_logger
 
 from d2kd import DistillTrainer, get_distill_cfg, register_bccd
 from d2kd.engine.checkpoint import atomic_write_bytes
-from d2kd.engine.preflight import check_output_dir, merge_config, validate_datasets
+from d2kd.engine.preflight import check_output_dir, merge_config, set_aside_previous_logs, validate_datasets
 
 logger = logging.getLogger("d2kd")
 
@@ -49,6 +49,9 @@ def setup(args):
         cfg.OUTPUT_DIR = tempfile.mkdtemp(prefix="d2kd_check_")
     elif not args.resume and not args.eval_only:
         check_output_dir(cfg, overwrite=getattr(args, "overwrite", False))
+        if comm.is_main_process():  # before default_setup opens log.txt
+            set_aside_previous_logs(cfg.OUTPUT_DIR)
+        comm.synchronize()
     cfg.freeze()
     default_setup(cfg, args)
     # d2kd's own log lines (teacher loading, heads, prototype progress) next to Detectron2's.

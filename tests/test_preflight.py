@@ -282,14 +282,42 @@ def test_previous_run_is_not_overwritten_silently(tmp_path, teacher_r18_weights)
     out.mkdir()
     (out / "model_final.pth").write_bytes(b"previous weights")
     (out / "config.yaml").write_text("previous config")
+    (out / "metrics.json").write_text('{"iteration": 93, "loss_cls": 5.85}\n')
+    (out / "log.txt").write_text("previous log\n")
     with pytest.raises(OutputDirError, match="--resume.*--overwrite"):
         train_net.main(cli_args(FITNET, out, teacher_r18_weights))
     assert (out / "config.yaml").read_text() == "previous config", "refused before writing anything"
     assert (out / "model_final.pth").read_bytes() == b"previous weights"
+    assert (out / "metrics.json").read_text() == '{"iteration": 93, "loss_cls": 5.85}\n'
 
     train_net.main(cli_args(FITNET, out, teacher_r18_weights, overwrite=True))
     assert (out / "model_final.pth").read_bytes() != b"previous weights"
     assert torch.load(str(out / "model_final.pth"), weights_only=True)["iteration"] == 0
+    # The previous run's logs were moved aside, not appended to.
+    [kept] = list((out / "previous_runs").iterdir())
+    assert (kept / "metrics.json").read_text() == '{"iteration": 93, "loss_cls": 5.85}\n'
+    assert (kept / "log.txt").read_text() == "previous log\n"
+    assert "previous log" not in (out / "log.txt").read_text()
+    if (out / "metrics.json").exists():
+        assert '"iteration": 93' not in (out / "metrics.json").read_text()
+
+
+def test_set_aside_previous_logs_keeps_every_run(tmp_path):
+    from d2kd.engine.preflight import set_aside_previous_logs
+
+    assert set_aside_previous_logs(str(tmp_path)) is None
+    for n in range(2):
+        (tmp_path / "metrics.json").write_text(f"run {n}")
+        (tmp_path / "events.out.tfevents.1.host.0").write_text(f"events {n}")
+        (tmp_path / "model_0000199.pth").write_text("checkpoint")
+        os.utime(tmp_path / "metrics.json", (1_000_000_000, 1_000_000_000))  # the same time stamp twice
+        os.utime(tmp_path / "events.out.tfevents.1.host.0", (1_000_000_000, 1_000_000_000))
+        set_aside_previous_logs(str(tmp_path))
+    kept = sorted((tmp_path / "previous_runs").iterdir())
+    assert [p.name[-2:] for p in kept][1] == "-1" and len(kept) == 2
+    assert [(p / "metrics.json").read_text() for p in kept] == ["run 0", "run 1"]
+    assert [(p / "events.out.tfevents.1.host.0").read_text() for p in kept] == ["events 0", "events 1"]
+    assert (tmp_path / "model_0000199.pth").exists() and not (tmp_path / "metrics.json").exists()
 
 
 def test_eval_only_reports_teacher_beside_student(tmp_path, teacher_r18_weights):

@@ -4,6 +4,7 @@ import difflib
 import glob
 import logging
 import os
+import time
 from typing import List, Mapping, Optional, Sequence
 
 from detectron2.config import CfgNode
@@ -11,6 +12,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 __all__ = [
     "check_output_dir",
+    "set_aside_previous_logs",
     "validate_datasets",
     "OutputDirError",
     "ConfigOptionError",
@@ -39,6 +41,34 @@ def check_output_dir(cfg, overwrite: bool = False):
             f"OUTPUT_DIR {out} already holds a previous run ({os.path.basename(sorted(previous)[0])}, ...). "
             "Pass --resume to continue it, --overwrite to start over in place, or set OUTPUT_DIR to a new folder."
         )
+
+
+# What Detectron2 appends to rather than replaces: a new run would mix its records with them.
+RUN_LOG_PATTERNS = ("metrics.json", "log.txt", "log.txt.rank*", "events.out.tfevents.*")
+
+
+def set_aside_previous_logs(output_dir: str) -> Optional[str]:
+    """
+    Before a new (not resumed) run starts in ``output_dir``, move the logs of a previous run
+    there (``metrics.json``, ``log.txt``, TensorBoard event files: Detectron2 appends to them)
+    into ``output_dir/previous_runs/<time>/``, so the new run's curves and loss statistics are
+    its own and the old ones are kept. This happens after ``--overwrite`` and after a run that
+    failed before its first checkpoint. Returns the folder, or None if there was nothing.
+    """
+    found = sorted({f for pattern in RUN_LOG_PATTERNS for f in glob.glob(os.path.join(output_dir, pattern))})
+    if not found:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(os.path.getmtime(f) for f in found)))
+    target = os.path.join(output_dir, "previous_runs", stamp)
+    suffix = 1
+    while os.path.exists(target):
+        target = os.path.join(output_dir, "previous_runs", f"{stamp}-{suffix}")
+        suffix += 1
+    os.makedirs(target)
+    for f in found:
+        os.replace(f, os.path.join(target, os.path.basename(f)))
+    logger.info("Moved the previous run's logs in %s to %s", output_dir, target)
+    return target
 
 
 def validate_datasets(cfg):
