@@ -18,6 +18,7 @@ from d2kd.benchmark import (
     discover_methods,
     loss_balance,
     merge_opts,
+    other_teacher_runs,
     render_chart,
     render_markdown,
     select_names,
@@ -395,6 +396,53 @@ def test_results_file_keeps_the_runs_of_another_study_process(accuracy, tmp_path
     assert first.results == on_disk and on_disk["benchmark"] == "b"
 
 
+def test_runs_distilled_from_another_teacher_are_listed(tmp_path):
+    """A distillation run whose own evaluation of its teacher (teacher_metrics) differs from the
+    teacher row by more than 0.05 AP was distilled from other weights: the report says which."""
+
+    def run(method, seed, ap, teacher_ap=None, kind="distill"):
+        entry = {"method": method, "seed": seed, "kind": kind, "iterations": 600, "metrics": {"AP": ap}}
+        if teacher_ap is not None:
+            entry["teacher_metrics"] = {"AP": teacher_ap}
+        return entry
+
+    runs = [
+        run("teacher", 42, 60.6114, kind="teacher"),
+        run("baseline", 0, 57.7, kind="baseline"),
+        run("kd", 0, 59.0, teacher_ap=60.6114),
+        run("kd", 1, 58.9, teacher_ap=60.65),  # 0.04 apart: the same teacher
+        run("gkd", 0, 58.0, teacher_ap=60.1809),  # 0.43 apart: a retrained teacher
+        run("fbkd", 0, 58.1, teacher_ap=61.0),
+        run("old", 0, 58.2),  # recorded before teacher_metrics existed: unknown, not listed
+    ]
+    assert other_teacher_runs(runs) == [("fbkd", 0, 61.0), ("gkd", 0, 60.1809)]
+    md = render_markdown({"runs": runs})
+    assert "fbkd s0 (teacher AP 61.0), gkd s0 (teacher AP 60.2)" in md
+    same = [r for r in runs if r["method"] not in ("gkd", "fbkd")]
+    assert other_teacher_runs(same) == [] and "other teacher weights" not in render_markdown({"runs": same})
+    assert other_teacher_runs(runs[1:]) == []  # no teacher row: nothing to compare with
+
+
+def test_teacher_weights_changed_since_the_teacher_row(accuracy, tmp_path):
+    """The study warns when the teacher file it reuses is not the one its teacher row measured:
+    by sha1 when recorded, else by a file written after the row's date."""
+    import hashlib
+
+    weights = tmp_path / "model_final.pth"
+    weights.write_bytes(b"teacher weights" * 100000)  # > one 1 MiB read block
+    digest = hashlib.sha1(weights.read_bytes()).hexdigest()
+    assert accuracy._sha1(str(weights)) == digest and accuracy._sha1(str(tmp_path / "missing")) is None
+    assert accuracy.teacher_changed_since_recorded({"weights_sha1": digest}, str(weights)) is None
+    changed = accuracy.teacher_changed_since_recorded({"weights_sha1": "0" * 40}, str(weights))
+    assert changed == f"sha1 {digest[:12]} is not the recorded 000000000000"
+    # Older rows have no sha1: the file's time against the row's date (one minute's slack).
+    os.utime(weights, (1_700_000_000, 1_700_000_000))  # 2023-11-14T22:13:20Z
+    assert accuracy.teacher_changed_since_recorded({"date": "2023-11-14T22:13:00+00:00"}, str(weights)) is None
+    later = accuracy.teacher_changed_since_recorded({"date": "2023-11-14T20:00:00+00:00"}, str(weights))
+    assert later == "written 2023-11-14T22:13:20+00:00, after the teacher row was recorded (2023-11-14T20:00:00+00:00)"
+    assert accuracy.teacher_changed_since_recorded({"date": "2023-11-14T20:00:00+00:00"}, str(tmp_path / "x")) is None
+
+
 def test_git_info_ignores_the_benchmark_results_folder(tmp_path, monkeypatch):
     """The studies write benchmarks/results/ while they run; that must not mark their tree dirty."""
     from d2kd.benchmark import common
@@ -473,6 +521,9 @@ def test_accuracy_quick_runs_resumes_and_refuses_mixed_schedules(accuracy, tmp_p
     assert runs[("teacher", 42)]["iterations"] == 1 and runs[("fitnet", 0)]["iterations"] == 2
     assert "teacher_metrics" in runs[("fitnet", 0)]  # DISTILL.EVAL_TEACHER of the distill configs
     assert runs[("fitnet", 0)]["teacher_weights"] == runs[("teacher", 42)]["weights"]
+    # Which teacher file each run used, by content: the fitnet run's is the teacher row's.
+    assert len(runs[("teacher", 42)]["weights_sha1"]) == 40
+    assert runs[("fitnet", 0)]["teacher_weights_sha1"] == runs[("teacher", 42)]["weights_sha1"]
     balance = runs[("fitnet", 0)]["loss_balance"]  # read back from the run's metrics.json
     assert balance["end"]["distill"] > 0 and balance["end"]["detector"] > 0 and "loss_balance" not in runs[("baseline", 0)]
     md = (tmp_path / "bccd_accuracy_quick.md").read_text()

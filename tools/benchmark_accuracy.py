@@ -33,6 +33,7 @@ iterations are recorded with each result, and one results file never mixes sched
 """
 
 import argparse
+import datetime
 import hashlib
 import importlib.util
 import json
@@ -477,11 +478,39 @@ class ResultsFile:
 
 
 def _sha1(path: str) -> Optional[str]:
+    digest = hashlib.sha1()
     try:
         with open(path, "rb") as f:
-            return hashlib.sha1(f.read()).hexdigest()
+            for block in iter(lambda: f.read(1 << 20), b""):  # checkpoints are hundreds of MB
+                digest.update(block)
     except OSError:
         return None
+    return digest.hexdigest()
+
+
+def teacher_changed_since_recorded(entry: dict, weights: str) -> Optional[str]:
+    """
+    Why the teacher weights at ``weights`` are not the ones the results' teacher row measured,
+    or None. With a recorded ``weights_sha1`` the file's hash decides; an older entry without
+    one is taken as changed when the file was written more than a minute after the entry's
+    date (a teacher retrained on a new machine, say). Runs distilled from such weights are
+    still recorded, with the teacher AP they evaluated; the report lists them.
+    """
+    if not os.path.isfile(weights):
+        return None
+    recorded = entry.get("weights_sha1")
+    if recorded:
+        current = _sha1(weights)
+        return None if current == recorded else f"sha1 {current[:12]} is not the recorded {recorded[:12]}"
+    try:
+        recorded_at = datetime.datetime.fromisoformat(entry["date"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return None
+    written = os.path.getmtime(weights)
+    if written > recorded_at + 60:
+        when = datetime.datetime.fromtimestamp(written, datetime.timezone.utc).isoformat(timespec="seconds")
+        return f"written {when}, after the teacher row was recorded ({entry['date']})"
+    return None
 
 
 def register_quick_datasets(root: str) -> Dict[str, str]:
@@ -582,6 +611,13 @@ def plan_jobs(
     existing = find_entry(results, "teacher", teacher_seed)
     if existing and not args.force and existing.get("weights") == weights:
         teacher.action, teacher.reason = "skip", "already in the results"
+        changed = teacher_changed_since_recorded(existing, weights)
+        if changed:
+            print(
+                f"Warning: the teacher weights {weights} are not the ones the results' teacher row "
+                f"measured ({changed}). Distillation runs will use them; each records the teacher AP "
+                "it evaluated and the report lists the runs whose teacher differs."
+            )
     jobs.append(teacher)
 
     # --- baseline and methods, per seed
@@ -800,7 +836,10 @@ def record_job(job: Job, results: dict, args, split: Dict[str, str], invocation:
         entry["wall_time_s"] = None  # the teacher was not trained here
         entry["eval_time_s"] = round(seconds, 1)
     if job.kind in ("teacher", "teacher_eval", "distill"):
-        entry["weights" if job.kind != "distill" else "teacher_weights"] = job.extra.get("weights")
+        weights = job.extra.get("weights")
+        prefix = "teacher_" if job.kind == "distill" else ""
+        entry[prefix + "weights"] = weights
+        entry[prefix + "weights_sha1"] = _sha1(weights) if weights else None
     if "teacher/bbox" in evaluated:
         entry["teacher_metrics"] = evaluated["teacher/bbox"]
     if job.kind == "distill":

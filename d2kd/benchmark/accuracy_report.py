@@ -15,9 +15,11 @@ from typing import Dict, List, Optional
 
 from .common import markdown_table
 
-__all__ = ["METRICS", "summarize", "render_markdown", "render_chart"]
+__all__ = ["METRICS", "summarize", "other_teacher_runs", "render_markdown", "render_chart"]
 
 METRICS = ("AP", "AP50", "AP75")
+# Two evaluations of one teacher checkpoint on one split agree to far better than this.
+TEACHER_AP_TOLERANCE = 0.05
 
 
 def _mean_std(values: List[float]):
@@ -82,6 +84,38 @@ def summarize(runs: List[dict], metrics=METRICS) -> "OrderedDict[str, dict]":
     return ordered
 
 
+def other_teacher_runs(runs: List[dict], tolerance: float = TEACHER_AP_TOLERANCE) -> List[tuple]:
+    """
+    ``(method, seed, teacher AP)`` of the distillation runs whose teacher, as the run itself
+    evaluated it (``teacher_metrics``, from ``DISTILL.EVAL_TEACHER``), differs from the teacher
+    row's AP by more than ``tolerance``: they were distilled from other weights (a retrained
+    teacher), so their gain is not measured against the teacher they learned from.
+    """
+    teacher = next((e for e in runs if e.get("method") == "teacher"), None)
+    teacher_ap = (teacher or {}).get("metrics", {}).get("AP")
+    if teacher_ap is None:
+        return []
+    found = []
+    for e in runs:
+        ap = (e.get("teacher_metrics") or {}).get("AP")
+        if e.get("kind") == "distill" and ap is not None and abs(ap - teacher_ap) > tolerance:
+            found.append((e["method"], e["seed"], ap))
+    return sorted(found)
+
+
+def _other_teacher_lines(runs: List[dict]) -> List[str]:
+    found = other_teacher_runs(runs)
+    if not found:
+        return []
+    listed = ", ".join(f"{method} s{seed} (teacher AP {ap:.1f})" for method, seed, ap in found)
+    return [
+        f"Distilled from other teacher weights than the teacher row's (the teacher AP each run "
+        f"evaluated, `DISTILL.EVAL_TEACHER`): {listed}. Their gain and gap closed are still "
+        "computed against the teacher row.",
+        "",
+    ]
+
+
 def _fmt(mean, std=None, signed=False, digits=1):
     if mean is None:
         return "–"
@@ -135,6 +169,7 @@ def render_markdown(results: dict) -> str:
             rows,
             align="lrrrrrrrrl",
         ),
+        *_other_teacher_lines(runs),
         *_loss_balance_lines(runs),
         f"Runs: {len(runs)}; dates {dates[0] if dates else '?'} .. {dates[-1] if dates else '?'}; "
         f"commit(s) {', '.join(c[:12] for c in commits)}{' (working tree had local changes)' if dirty else ''}.",
