@@ -500,7 +500,7 @@ def teacher_changed_since_recorded(entry: dict, weights: str) -> Optional[str]:
         return None
     recorded = entry.get("weights_sha1")
     if recorded:
-        current = _sha1(weights)
+        current = _sha1(weights) or "(unreadable)"
         return None if current == recorded else f"sha1 {current[:12]} is not the recorded {recorded[:12]}"
     try:
         recorded_at = datetime.datetime.fromisoformat(entry["date"]).timestamp()
