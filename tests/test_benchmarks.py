@@ -218,9 +218,13 @@ def test_summary_mean_std_gain_and_gap_closed_by_hand(tmp_path):
         "train_dataset": "bccd_trainval",
         "test_dataset": "bccd_test",
         "runs": runs,
-        "invocations": [{"command": "python tools/benchmark_accuracy.py --seeds 0 1", "date": "d"}],
+        "invocations": [{"command": "python tools/benchmark_accuracy.py --seeds 0 1", "date": "d"}]
+        + [{"command": f"python tools/benchmark_accuracy.py --methods m --seeds {i}", "date": "d"} for i in range(12)],
     }
     md = render_markdown(results)
+    # every invocation is listed, the first (which made the teacher and baseline rows) too
+    made_by = md.split("Made by:")[1]
+    assert made_by.count("python tools/benchmark_accuracy.py") == 13
     row = next(line for line in md.splitlines() if line.startswith("| m |"))
     assert row.split(" | ")[1:7] == ["2", "41.0 ± 1.4", "70.0 ± 0.0", "42.0 ± 2.8", "+9.0", "50%"]
     assert row.rstrip(" |").split(" | ")[-2:] == ["+9.0 ± 1.4 (2)", "s0 40.0, s1 42.0"]

@@ -177,7 +177,7 @@ def render_markdown(results: dict) -> str:
         "Made by:",
         "",
     ]
-    for inv in results.get("invocations", [])[-10:]:
+    for inv in results.get("invocations", []):  # every one: the first made the teacher and baseline rows
         lines.append(f"    {inv['command']}    # {inv.get('date', '')}")
     lines += ["", "Per-run commands, configs and wall times: the JSON file beside this one.", ""]
     return "\n".join(lines)
