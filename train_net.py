@@ -26,12 +26,13 @@ import sys
 import tempfile
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from d2kd import DistillTrainer, get_distill_cfg, register_bccd
 from d2kd.engine.checkpoint import atomic_write_bytes
+from d2kd.engine.launch import launch
 from d2kd.engine.preflight import check_output_dir, merge_config, set_aside_previous_logs, validate_datasets
 
 logger = logging.getLogger("d2kd")

@@ -1,6 +1,7 @@
 """
 Worker of tests/test_ddp.py: trains a few distillation iterations on N CPU processes (gloo)
-through Detectron2's ``launch`` and saves each rank's student and adapter weights.
+through d2kd's ``launch`` (Detectron2's, with a clean worker exit), as train_net.py does, and
+saves each rank's student and adapter weights.
 
     python tests/ddp_worker.py OUT_DIR TEACHER_WEIGHTS NUM_PROCESSES
 """
@@ -9,8 +10,9 @@ import os
 import sys
 
 import torch
-from detectron2.engine import launch
 from detectron2.utils import comm
+
+from d2kd.engine.launch import launch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,5 @@
 from .checkpoint import SafeCheckpointer
+from .launch import launch
 from .trainer import DistillTrainer
 
-__all__ = ["DistillTrainer", "SafeCheckpointer"]
+__all__ = ["DistillTrainer", "SafeCheckpointer", "launch"]
