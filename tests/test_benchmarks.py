@@ -271,6 +271,21 @@ def test_loss_balance_from_metrics_json_by_hand(tmp_path):
     assert row.rstrip(" |").split(" | ")[1:8] == ["2", "1.5", "1", "0.667", "3", "3", "1"]
 
 
+def test_loss_balance_keeps_weight_regularisers_apart(tmp_path, accuracy):
+    """HGD's learned-weight term trains only the weights: not in ``distill``, reported as ``regularizer``;
+    a rebuilt report re-reads the balance only from a directory that still holds the run."""
+    lines = [{"iteration": it, "loss_cls": 1.0, "loss_kd_hgd_p2": 0.5 + it, "loss_kd_hgd_logvar": -0.25 * it}
+             for it in range(10)]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in lines + [{"iteration": 10, "bbox/AP": 1.0}]))
+    balance = loss_balance(str(tmp_path))  # windows of 1: iterations 0 and 9
+    assert balance["start"] == {"detector": 1.0, "distill": 0.5, "ratio": 0.5, "iterations": [0, 0], "regularizer": 0.0}
+    assert balance["end"] == {"detector": 1.0, "distill": 9.5, "ratio": 9.5, "iterations": [9, 9], "regularizer": -2.25}
+    entry = {"output_dir": str(tmp_path), "iterations": 10}
+    assert accuracy._same_schedule(entry)  # the evaluation record (iteration 10) is not a training record
+    assert not accuracy._same_schedule(dict(entry, iterations=600))
+    assert not accuracy._same_schedule(dict(entry, output_dir=str(tmp_path / "gone")))
+
+
 def test_schedule_override_scales_steps_and_distill_delays(accuracy):
     from d2kd.benchmark import load_cfg
 

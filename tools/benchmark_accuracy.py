@@ -70,6 +70,7 @@ from d2kd.benchmark import (  # noqa: E402
     run_from_repo_root,
     load_cfg,
     loss_balance,
+    read_logged_iterations,
     merge_opts,
     run_with_dependencies,
     provenance,
@@ -258,6 +259,13 @@ def _read_run_config(output_dir: str) -> Optional[dict]:
             return yaml.unsafe_load(f)
     except Exception:
         return None
+
+
+def _same_schedule(entry: dict) -> bool:
+    """Whether the entry's output directory still holds its run: its last training record is the last iteration."""
+    path = os.path.join(entry["output_dir"], "metrics.json")
+    records = read_logged_iterations(path) if os.path.isfile(path) else []
+    return bool(records) and int(records[-1]["iteration"]) + 1 == entry.get("iterations")
 
 
 def _same_run(saved: Optional[dict], iterations: int, test_dataset: str, seed: Optional[int]) -> bool:
@@ -885,11 +893,13 @@ def _main(args, argv) -> int:
     results = read_json(json_path) or {}
     store = ResultsFile(json_path, results)
     backfilled = False
-    for entry in results.get("runs", []):  # runs recorded before the loss balance was: read it now
-        if entry.get("kind") == "distill" and "loss_balance" not in entry and os.path.isdir(entry["output_dir"]):
-            entry["loss_balance"] = loss_balance(entry["output_dir"])
-            store.add_run(entry)
-            backfilled = True
+    for entry in results.get("runs", []):  # runs recorded before the loss balance was, or by an older rule
+        if entry.get("kind") == "distill" and _same_schedule(entry):
+            balance = loss_balance(entry["output_dir"])
+            if balance is not None and balance != entry.get("loss_balance"):
+                entry["loss_balance"] = balance
+                store.add_run(entry)
+                backfilled = True
         # harvested before file times were read (None), or read by an older rule: read them now
         timed_by_files = entry.get("wall_time_s") is None or str(entry.get("wall_time_source")).startswith("file times")
         if entry.get("action") == "harvest" and timed_by_files and os.path.isdir(entry["output_dir"]):

@@ -201,7 +201,8 @@ def _loss_balance_lines(runs: List[dict]) -> List[str]:
         rows.append(cells)
     return [
         "Loss balance (from each run's metrics.json, mean over seeds): detector loss, distillation loss "
-        "(sum of the `loss_kd_*` terms) and their ratio over the first and the last 10% of the logged "
+        "(sum of the `loss_kd_*` terms but regularisers of a head's own weights, such as HGD's "
+        "`loss_kd_hgd_logvar`) and their ratio over the first and the last 10% of the logged "
         "iterations with distillation on.",
         "",
         markdown_table(

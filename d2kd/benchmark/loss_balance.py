@@ -15,6 +15,11 @@ from typing import Dict, List, Optional
 __all__ = ["read_logged_iterations", "loss_balance"]
 
 DISTILL_PREFIX = "loss_kd_"
+# Terms that train only a head's own weighting parameters, never the student: HGD's learned
+# macro weights add ``WEIGHT * sum_k s_k`` (``loss_kd_hgd_logvar``; Kendall et al., CVPR 2018),
+# which turns negative as the weights grow. They are reported apart as ``regularizer`` so that
+# ``distill`` is the imitation the student feels.
+REGULARIZER_SUFFIXES = ("_logvar",)
 
 
 def read_logged_iterations(metrics_path: str) -> List[dict]:
@@ -43,7 +48,8 @@ def loss_balance(output_dir: str, fraction: float = 0.1) -> Optional[dict]:
 
     Returns ``{"start": {...}, "end": {...}}`` with ``detector``, ``distill``, ``ratio``
     (distill / detector) and ``iterations`` ([first, last]) each, or None without a
-    ``metrics.json``.
+    ``metrics.json``. Terms named with a :data:`REGULARIZER_SUFFIXES` suffix are not in
+    ``distill``; a run that logs one gets their mean as ``regularizer`` as well.
     """
     path = os.path.join(output_dir, "metrics.json")
     if not os.path.isfile(path):
@@ -57,8 +63,16 @@ def loss_balance(output_dir: str, fraction: float = 0.1) -> Optional[dict]:
     return {"start": _window(records[:n]), "end": _window(records[-n:])}
 
 
+def _is_regularizer(key: str) -> bool:
+    return key.startswith(DISTILL_PREFIX) and key.endswith(REGULARIZER_SUFFIXES)
+
+
 def _distill_sum(record: dict) -> float:
-    return sum(float(v) for k, v in record.items() if k.startswith(DISTILL_PREFIX))
+    return sum(float(v) for k, v in record.items() if k.startswith(DISTILL_PREFIX) and not _is_regularizer(k))
+
+
+def _regularizer_sum(record: dict) -> float:
+    return sum(float(v) for k, v in record.items() if _is_regularizer(k))
 
 
 def _detector_sum(record: dict) -> float:
@@ -68,9 +82,12 @@ def _detector_sum(record: dict) -> float:
 def _window(records: List[dict]) -> dict:
     detector = sum(_detector_sum(r) for r in records) / len(records)
     distill = sum(_distill_sum(r) for r in records) / len(records)
-    return {
+    window = {
         "detector": detector,
         "distill": distill,
         "ratio": distill / detector if detector > 0 else None,
         "iterations": [int(records[0]["iteration"]), int(records[-1]["iteration"])],
     }
+    if any(_is_regularizer(k) for r in records for k in r):
+        window["regularizer"] = sum(_regularizer_sum(r) for r in records) / len(records)
+    return window
