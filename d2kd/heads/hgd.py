@@ -190,6 +190,8 @@ class HGD(DistillHead):
         _log_stage_scalars(self.name, self.stages, raw, weights)
         terms = {stage: self.weight * weighted[stage] for stage in self.stages}
         if regulariser is not None:
+            # trains only the learned weights; the "_logvar" suffix keeps it out of the imitation
+            # total in d2kd.benchmark.loss_balance (REGULARIZER_SUFFIXES)
             terms["logvar"] = self.weight * regulariser
         return terms
 
