@@ -286,6 +286,37 @@ def test_loss_balance_keeps_weight_regularisers_apart(tmp_path, accuracy):
     assert not accuracy._same_schedule(dict(entry, output_dir=str(tmp_path / "gone")))
 
 
+def test_baselines_imported_from_another_study_pair_by_seed(tmp_path, accuracy):
+    """--baseline-from: the seeds a variants study lacks come from the main study's baselines,
+    so its runs pair by seed; another run design is refused, naming the field."""
+    design = {"config": "configs/bccd/student_R18_FPN.yaml", "config_sha1": "abc", "iterations": 600,
+              "train_dataset": "bccd_trainval", "test_dataset": "bccd_test"}
+
+    def run(method, seed, ap, kind, **extra):
+        return {"method": method, "seed": seed, "kind": kind, "metrics": {"AP": ap, "AP50": 90.0, "AP75": 65.0},
+                **(design if kind == "baseline" else {}), **extra}
+
+    main = tmp_path / "main.json"
+    main.write_text(json.dumps({"runs": [run("baseline", s, ap, "baseline") for s, ap in ((0, 50.0), (1, 52.0), (2, 51.0))]}))
+    results = {"test_dataset": "bccd_test",
+               "runs": [run("baseline", 0, 50.0, "baseline"), run("variant", 0, 53.0, "distill"), run("variant", 1, 51.0, "distill")]}
+    store = accuracy.ResultsFile(str(tmp_path / "variants.json"), results)
+    assert accuracy.import_baselines(results, store, str(main), design["config"]) == [1, 2]
+    baselines = {e["seed"]: e for e in results["runs"] if e["kind"] == "baseline"}
+    assert sorted(baselines) == [0, 1, 2] and "imported_from" not in baselines[0]
+    assert baselines[1]["imported_from"] == str(main) and baselines[1]["metrics"]["AP"] == 52.0
+    row = summarize(results["runs"])["variant"]
+    # pairs: seed 0: 53 - 50 = +3, seed 1: 51 - 52 = -1 -> mean +1, sample std sqrt(8) = 2.83
+    assert row["AP_paired_n"] == 2 and row["AP_paired_gain"] == pytest.approx(1.0)
+    assert row["AP_paired_gain_std"] == pytest.approx(math.sqrt(8))
+    assert accuracy.import_baselines(results, store, str(main), design["config"]) == []  # nothing left to copy
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"runs": [dict(run("baseline", 3, 49.0, "baseline"), iterations=300)]}))
+    with pytest.raises(SystemExit, match="iterations 300 != 600"):
+        accuracy.import_baselines(results, store, str(other), design["config"])
+
+
 def test_schedule_override_scales_steps_and_distill_delays(accuracy):
     from d2kd.benchmark import load_cfg
 

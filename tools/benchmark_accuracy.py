@@ -152,6 +152,13 @@ def build_parser():
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="SEED values (default: 0 1 2; --quick: 0)")
     p.add_argument("--no-baseline", action="store_true", help="do not run the student baseline")
     p.add_argument(
+        "--baseline-from",
+        metavar="JSON",
+        help="copy the student baseline runs of another study's results file (same student config, "
+        "schedule and split) for the seeds this study lacks, e.g. a variants study reusing the main "
+        "study's baselines",
+    )
+    p.add_argument(
         "--method-configs",
         default=os.path.join(BCCD_CONFIG_DIR, METHOD_CONFIG_PATTERN),
         help="where methods are discovered; {method} is the method name "
@@ -266,6 +273,48 @@ def _same_schedule(entry: dict) -> bool:
     path = os.path.join(entry["output_dir"], "metrics.json")
     records = read_logged_iterations(path) if os.path.isfile(path) else []
     return bool(records) and int(records[-1]["iteration"]) + 1 == entry.get("iterations")
+
+
+def _invocation(argv) -> dict:
+    """What the results file records of one run of this script: its command, date and commit."""
+    found = provenance()
+    return {"command": command_string(SCRIPT, argv), "date": found["date"], "git": found["git"]}
+
+
+BASELINE_IDENTITY = ("config", "config_sha1", "iterations", "train_dataset", "test_dataset")
+
+
+def import_baselines(results: dict, store: "ResultsFile", source_path: str, student_config: str) -> List[int]:
+    """
+    Copy into ``store`` the baseline runs of the results file ``source_path`` for the seeds
+    ``results`` has no baseline of, marked ``imported_from``; return those seeds. Every source
+    baseline must be the same run design as this study's baselines (or, without any, use
+    ``student_config`` on this study's test split): otherwise the pairing would be meaningless.
+    """
+    source = read_json(source_path)
+    if not source:
+        raise SystemExit(f"--baseline-from: no results in {source_path}.")
+    own = [e for e in results.get("runs", []) if e.get("kind") == "baseline"]
+    reference = {k: own[0].get(k) for k in BASELINE_IDENTITY} if own else {
+        "config": student_config, "test_dataset": results.get("test_dataset", source.get("test_dataset"))}
+    have = {e["seed"] for e in own}
+    imported = []
+    for entry in source.get("runs", []):
+        if entry.get("kind") != "baseline":
+            continue
+        differ = [f"{k} {entry.get(k)!r} != {v!r}" for k, v in reference.items() if entry.get(k) != v]
+        if differ:
+            raise SystemExit(
+                f"--baseline-from {source_path}: baseline seed {entry['seed']} is another run design than "
+                f"this study's baseline ({'; '.join(differ)}). Use a results file of the same student, "
+                "schedule and split, or let this study train its own baseline."
+            )
+        if entry["seed"] not in have:
+            copied = dict(entry, imported_from=source_path)
+            store_entry(results, copied)  # the plan sees it now; the file gets it at the next write
+            store.add_run(copied)
+            imported.append(entry["seed"])
+    return imported
 
 
 def _same_run(saved: Optional[dict], iterations: int, test_dataset: str, seed: Optional[int]) -> bool:
@@ -909,6 +958,13 @@ def _main(args, argv) -> int:
                 store.add_run(entry)
                 backfilled = True
 
+    if args.baseline_from:
+        seeds = import_baselines(results, store, args.baseline_from, args.student_config)
+        print(f"Baseline seeds {seeds} copied from {args.baseline_from}" if seeds else "No baseline seed to copy.")
+        if seeds and args.report_only:  # otherwise the study records its invocation below
+            store.add_invocation(_invocation(argv))
+        backfilled = backfilled or bool(seeds)
+
     if args.report_only:
         if backfilled:
             store.write()
@@ -963,8 +1019,7 @@ def _main(args, argv) -> int:
 
         register_bccd()
 
-    invocation = {"command": command, **provenance()}
-    store.add_invocation({k: invocation[k] for k in ("command", "date", "git")})
+    store.add_invocation(_invocation(argv))
     store.write()
     runner = InProcessRunner() if args.in_process else SubprocessRunner()
     progress = Progress([0 if j.action in ("skip", "harvest") else COST[j.kind] * j.iterations for j in jobs])
