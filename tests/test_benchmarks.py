@@ -555,6 +555,30 @@ def test_dry_run_plans_val_study_with_its_own_teacher(accuracy, tmp_path, capsys
     assert not (tmp_path / "bccd_accuracy_val.json").exists()
 
 
+def test_teacher_row_without_its_weights_is_trained_again_only_for_runs_that_need_it(accuracy, tmp_path, capsys):
+    """On a new machine the results keep the teacher row but its weights are gone: the study
+    trains them again when a distillation run needs them, keeps the recorded row, and skips
+    the teacher when no run needs it."""
+    work = tmp_path / "w"
+    weights = str(work / "bccd_accuracy_val" / "teacher" / "model_final.pth")
+    row = {"method": "teacher", "seed": 42, "kind": "teacher", "weights": weights, "metrics": {"AP": 60.0}}
+    (tmp_path / "bccd_accuracy_val.json").write_text(json.dumps({"test_dataset": "bccd_val", "runs": [row]}))
+    common = ["--dry-run", "--eval-split", "val", "--output-dir", str(tmp_path), "--work-dir", str(work)]
+    assert accuracy.main(common + ["--methods", "kd", "--seeds", "3", "--no-baseline"]) == 0
+    teacher_line = next(line for line in capsys.readouterr().out.splitlines() if "1. teacher" in line)
+    assert "train    (in the results, but " + weights + " is missing: train it for the distillation runs" in (
+        teacher_line
+    )
+    assert teacher_line.endswith("the recorded teacher row is kept); 1200 iters")
+
+    kd = {"method": "kd", "seed": 3, "kind": "distill", "iterations": 600, "output_dir": str(work / "kd")}
+    (tmp_path / "bccd_accuracy_val.json").write_text(json.dumps({"test_dataset": "bccd_val", "runs": [row, kd]}))
+    assert accuracy.main(common + ["--methods", "kd", "--seeds", "3", "--no-baseline"]) == 0
+    out = capsys.readouterr().out
+    assert f"1. teacher                  skip     (already in the results ({weights} is missing; no run here" in out
+    assert json.loads((tmp_path / "bccd_accuracy_val.json").read_text())["runs"] == [row, kd]  # dry run: untouched
+
+
 # ----------------------------------------------------------------------------- quick runs
 
 

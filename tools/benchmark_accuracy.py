@@ -23,6 +23,9 @@ baseline, fraction of the teacher-student gap closed) and a bar chart are writte
 
 The teacher is trained once: in the default (test) study it lives at the path the distill
 configs read (``output/bccd/teacher_R50_FPN/model_final.pth``) and is reused when present.
+Where the results hold a teacher row but its weights are gone (a new machine), the weights are
+trained again only when a distillation run needs them; the recorded row stays the study's
+teacher, and each run records the teacher AP it was distilled from.
 The validation study (``--eval-split val``) trains its own teacher on ``bccd_train`` so no
 number used for tuning has seen ``bccd_val``; never tune on ``bccd_test``.
 
@@ -666,7 +669,15 @@ def plan_jobs(
             quick, _dataset_opts(teacher_cfg, split), user, ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", teacher.output_dir]
         )
     existing = find_entry(results, "teacher", teacher_seed)
-    if existing and not args.force and existing.get("weights") == weights:
+    if existing and not args.force and existing.get("weights") == weights and trainable and not os.path.isfile(weights):
+        # A new machine (or a cleaned output/): the row stays the study's teacher; the weights
+        # are trained again only if a distillation run below needs them (see the end).
+        teacher.extra["keep_recorded_row"] = True
+        teacher.reason = (
+            f"in the results, but {weights} is missing: {teacher.action} it for the distillation runs "
+            f"({teacher.reason}); the recorded teacher row is kept"
+        )
+    elif existing and not args.force and existing.get("weights") == weights:
         teacher.action, teacher.reason = "skip", "already in the results"
         changed = teacher_changed_since_recorded(existing, weights)
         if changed:
@@ -724,6 +735,8 @@ def plan_jobs(
             else:
                 job.action, job.reason = plan_action(out, job.iterations, split["test"], seed, args.force)
             jobs.append(job)
+    if teacher.extra.get("keep_recorded_row") and not any(j.kind == "distill" and j.action != "skip" for j in jobs):
+        teacher.action, teacher.reason = "skip", f"already in the results ({weights} is missing; no run here needs it)"
     for job in jobs:
         job.extra.setdefault("num_gpus", args.num_gpus)
         job.extra["threads"] = args.threads or (max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None)
@@ -1038,6 +1051,16 @@ def _main(args, argv) -> int:
         )
 
     def on_success(job, outcome):
+        if job.extra.get("keep_recorded_row"):  # weights trained again for the runs; the row stays
+            seconds = time.time() - started[id(job)]
+            progress.finished(index[id(job)], seconds / max(1, args.jobs))
+            ap = read_eval_results(job.output_dir)["bbox"].get("AP")
+            print(
+                f"    {job.label} trained again in {fmt_duration(seconds)}: AP {ap if ap is None else round(ap, 2)} "
+                "(the results' teacher row is kept; each distillation run records the teacher AP it used)",
+                flush=True,
+            )
+            return
         entry = record_job(job, results, args, split, command, *outcome)
         store.add_run(entry)
         seconds = time.time() - started[id(job)]
