@@ -669,23 +669,24 @@ def plan_jobs(
             quick, _dataset_opts(teacher_cfg, split), user, ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", teacher.output_dir]
         )
     existing = find_entry(results, "teacher", teacher_seed)
-    if existing and not args.force and existing.get("weights") == weights and trainable and not os.path.isfile(weights):
-        # A new machine (or a cleaned output/): the row stays the study's teacher; the weights
-        # are trained again only if a distillation run below needs them (see the end).
-        teacher.extra["keep_recorded_row"] = True
-        teacher.reason = (
-            f"in the results, but {weights} is missing: {teacher.action} it for the distillation runs "
-            f"({teacher.reason}); the recorded teacher row is kept"
-        )
-    elif existing and not args.force and existing.get("weights") == weights:
-        teacher.action, teacher.reason = "skip", "already in the results"
-        changed = teacher_changed_since_recorded(existing, weights)
-        if changed:
-            print(
-                f"Warning: the teacher weights {weights} are not the ones the results' teacher row "
-                f"measured ({changed}). Distillation runs will use them; each records the teacher AP "
-                "it evaluated and the report lists the runs whose teacher differs."
+    if existing and not args.force and existing.get("weights") == weights:
+        if trainable and not os.path.isfile(weights):
+            # A new machine (or a cleaned output/): the row stays the study's teacher; the weights
+            # are trained again only if a distillation run below needs them (see the end).
+            teacher.extra["keep_recorded_row"] = True
+            teacher.reason = (
+                f"in the results, but {weights} is missing: {teacher.action} it for the distillation runs "
+                f"({teacher.reason}); the recorded teacher row is kept"
             )
+        else:
+            teacher.action, teacher.reason = "skip", "already in the results"
+            changed = teacher_changed_since_recorded(existing, weights)
+            if changed:
+                print(
+                    f"Warning: the teacher weights {weights} are not the ones the results' teacher row "
+                    f"measured ({changed}). Distillation runs will use them; each records the teacher AP "
+                    "it evaluated and the report lists the runs whose teacher differs."
+                )
     jobs.append(teacher)
 
     # --- baseline and methods, per seed
@@ -1051,9 +1052,9 @@ def _main(args, argv) -> int:
         )
 
     def on_success(job, outcome):
+        seconds = time.time() - started[id(job)]
+        progress.finished(index[id(job)], seconds / max(1, args.jobs))
         if job.extra.get("keep_recorded_row"):  # weights trained again for the runs; the row stays
-            seconds = time.time() - started[id(job)]
-            progress.finished(index[id(job)], seconds / max(1, args.jobs))
             ap = read_eval_results(job.output_dir)["bbox"].get("AP")
             print(
                 f"    {job.label} trained again in {fmt_duration(seconds)}: AP {ap if ap is None else round(ap, 2)} "
@@ -1063,8 +1064,6 @@ def _main(args, argv) -> int:
             return
         entry = record_job(job, results, args, split, command, *outcome)
         store.add_run(entry)
-        seconds = time.time() - started[id(job)]
-        progress.finished(index[id(job)], seconds / max(1, args.jobs))
         store.write()
         write_text(md_path, render_markdown(results))
         m = entry["metrics"]
