@@ -16,12 +16,15 @@ from conftest import REPO
 
 from d2kd.benchmark import (
     discover_methods,
+    load_cfg,
     loss_balance,
     merge_opts,
     other_teacher_runs,
     render_chart,
     render_markdown,
     select_names,
+    split_method_pattern,
+    study_methods,
     summarize,
 )
 
@@ -577,6 +580,79 @@ def test_teacher_row_without_its_weights_is_trained_again_only_for_runs_that_nee
     out = capsys.readouterr().out
     assert f"1. teacher                  skip     (already in the results ({weights} is missing; no run here" in out
     assert json.loads((tmp_path / "bccd_accuracy_val.json").read_text())["runs"] == [row, kd]  # dry run: untouched
+
+
+def _run_folder(folder, train_datasets):
+    """A finished run's folder as Detectron2 leaves it: weights and the config.yaml it trained with."""
+    folder.mkdir(parents=True)
+    (folder / "model_final.pth").write_bytes(b"weights")
+    trains = "".join(f"  - {d}\n" for d in train_datasets)
+    (folder / "config.yaml").write_text(f"DATASETS:\n  TEST:\n  - bccd_test\n  TRAIN:\n{trains}SEED: 42\n")
+    return str(folder / "model_final.pth")
+
+
+def test_a_teacher_trained_on_the_validation_images_is_refused_for_tuning(accuracy, tmp_path):
+    """--eval-split val tunes against bccd_val: a teacher trained on bccd_trainval (which holds
+    every bccd_val image) would pass the validation labels to the students."""
+    lists = os.path.join(REPO, "datasets", "bccd", "ImageSets", "Main")
+    ids = {s: set(open(os.path.join(lists, f"{s}.txt")).read().split()) for s in ("train", "val", "trainval", "test")}
+    assert ids["val"] <= ids["trainval"] and not ids["val"] & ids["train"] and not ids["test"] & ids["trainval"]
+    n_val = len(ids["val"])
+
+    trainval = _run_folder(tmp_path / "trainval_teacher", ["bccd_trainval"])
+    assert accuracy.teacher_saw_eval_images(trainval, "bccd_val") == (
+        f"the teacher weights {trainval} were trained on bccd_trainval (config.yaml beside them), "
+        f"which holds {n_val} of the {n_val} bccd_val images this study evaluates on"
+    )
+    assert accuracy.teacher_saw_eval_images(trainval, "bccd_test") is None
+    train = _run_folder(tmp_path / "train_teacher", ["bccd_train"])
+    assert accuracy.teacher_saw_eval_images(train, "bccd_val") is None
+    mixed = _run_folder(tmp_path / "mixed_teacher", ["bccd_train", "bccd_test"])
+    assert f"trained on bccd_test (config.yaml beside them), which holds {len(ids['test'])} of the" in (
+        accuracy.teacher_saw_eval_images(mixed, "bccd_test")
+    )
+    no_config = tmp_path / "downloaded" / "model_final.pth"
+    no_config.parent.mkdir()
+    no_config.write_bytes(b"weights")
+    assert accuracy.teacher_saw_eval_images(str(no_config), "bccd_val") is None  # cannot be told
+
+    # The study stops before planning anything, and says what to do instead.
+    common = ["--dry-run", "--eval-split", "val", "--output-dir", str(tmp_path), "--work-dir", str(tmp_path / "w")]
+    with pytest.raises(SystemExit, match="Drop --teacher-weights: the study then trains its own teacher on bccd_train"):
+        accuracy.main(common + ["--methods", "kd", "--seeds", "0", "--teacher-weights", trainval])
+    assert accuracy.main(common + ["--methods", "kd", "--seeds", "0", "--teacher-weights", train]) == 0
+    assert not (tmp_path / "bccd_accuracy_val.json").exists()
+
+
+def _flat(cfg, prefix=""):
+    out = {}
+    for k, v in cfg.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_validation_tuning_configs_change_only_their_setting():
+    """configs/bccd/val_tuning: each variant is its preset with one setting changed (cwd_kd adds
+    the kd head at kd's preset values), and all belong to the Faster R-CNN R50 -> R18 study."""
+    expected = {
+        "cwd_w3": ("distill_cwd_R50_R18.yaml", {"DISTILL.CWD.WEIGHT": 3.0}),
+        "cwd_w30": ("distill_cwd_R50_R18.yaml", {"DISTILL.CWD.WEIGHT": 30.0}),
+        "cwd_kd": ("distill_cwd_R50_R18.yaml", {"DISTILL.HEADS": ["cwd", "kd"]}),
+        "kd_w10": ("distill_kd_R50_R18.yaml", {"DISTILL.KD.WEIGHT": 10.0}),
+        "kd_t4": ("distill_kd_R50_R18.yaml", {"DISTILL.KD.TEMPERATURE": 4.0}),
+    }
+    found = discover_methods(*split_method_pattern("configs/bccd/val_tuning/{method}.yaml"))
+    assert sorted(found) == sorted(expected)
+    kept, skipped = study_methods(found, "configs/bccd/student_R18_FPN.yaml", "configs/bccd/teacher_R50_FPN.yaml")
+    assert sorted(kept) == sorted(expected) and not skipped
+    for name, (preset, changes) in expected.items():
+        variant = _flat(load_cfg(found[name]))
+        base = _flat(load_cfg(os.path.join(REPO, "configs", "bccd", preset)))
+        differ = {k: variant[k] for k in variant if variant[k] != base.get(k)}
+        assert differ == dict(changes, OUTPUT_DIR=f"output/bccd/val_tuning/{name}"), name
+    kd = _flat(load_cfg(os.path.join(REPO, "configs", "bccd", "distill_kd_R50_R18.yaml")))
+    cwd_kd = _flat(load_cfg(found["cwd_kd"]))
+    assert {k: cwd_kd[k] for k in kd if k.startswith("DISTILL.KD.")} == {k: kd[k] for k in kd if k.startswith("DISTILL.KD.")}
 
 
 # ----------------------------------------------------------------------------- quick runs

@@ -27,7 +27,10 @@ Where the results hold a teacher row but its weights are gone (a new machine), t
 trained again only when a distillation run needs them; the recorded row stays the study's
 teacher, and each run records the teacher AP it was distilled from.
 The validation study (``--eval-split val``) trains its own teacher on ``bccd_train`` so no
-number used for tuning has seen ``bccd_val``; never tune on ``bccd_test``.
+number used for tuning has seen ``bccd_val``; never tune on ``bccd_test``. Teacher weights whose
+run trained on images of the evaluated split (the ``config.yaml`` beside them names a
+``DATASETS.TRAIN`` that shares images with it, e.g. the ``bccd_trainval`` teacher given with
+``--teacher-weights`` to a validation study) are refused before anything runs.
 
 ``--student-iters`` / ``--teacher-iters`` change MAX_ITER and scale SOLVER.STEPS,
 SOLVER.CHECKPOINT_PERIOD, DISTILL.WARMUP_ITERS and DISTILL.STOP_ITER in proportion; the
@@ -573,6 +576,42 @@ def teacher_changed_since_recorded(entry: dict, weights: str) -> Optional[str]:
     return None
 
 
+def bccd_image_ids(dataset: str) -> Optional[set]:
+    """Image ids of a BCCD split (``bccd_train``, ``bccd_val``, ...) from its ImageSets list, or
+    None for another dataset."""
+    from d2kd.data import datasets_root
+    from d2kd.data.builtin import BCCD_SPLITS
+
+    split = BCCD_SPLITS.get(dataset)
+    path = os.path.join(datasets_root(), "bccd", "ImageSets", "Main", f"{split}.txt")
+    if split is None or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return {line.strip() for line in f if line.strip()}
+
+
+def teacher_saw_eval_images(weights: str, eval_dataset: str) -> Optional[str]:
+    """
+    Why teacher weights must not serve a study evaluated on ``eval_dataset``: the run that wrote
+    them (``config.yaml`` beside them, as Detectron2 saves it) trained on images of that split,
+    e.g. the ``bccd_trainval`` teacher for a ``--eval-split val`` study, whose students would then
+    learn validation labels through the teacher. None if not, or if it cannot be told (no
+    ``config.yaml``, datasets other than BCCD's splits).
+    """
+    saved = _read_run_config(os.path.dirname(os.path.abspath(weights)))
+    held_out = bccd_image_ids(eval_dataset)
+    if not saved or not held_out:
+        return None
+    for train in (saved.get("DATASETS") or {}).get("TRAIN") or ():
+        shared = (bccd_image_ids(str(train)) or set()) & held_out
+        if shared:
+            return (
+                f"the teacher weights {weights} were trained on {train} (config.yaml beside them), which holds "
+                f"{len(shared)} of the {len(held_out)} {eval_dataset} images this study evaluates on"
+            )
+    return None
+
+
 def register_quick_datasets(root: str) -> Dict[str, str]:
     """A few BCCD images as ``bccd_quick_train`` / ``bccd_quick_test`` (links to the real files)."""
     from d2kd.data import BCCD_CLASSES, datasets_root, register_voc_dataset
@@ -625,6 +664,16 @@ def plan_jobs(
     else:
         teacher_dir = os.path.join(work_root, "teacher")
         weights, trainable = os.path.join(teacher_dir, "model_final.pth"), True
+    leak = teacher_saw_eval_images(weights, split["test"])
+    if leak:
+        raise SystemExit(
+            f"{leak[0].upper()}{leak[1:]}: distilled students would learn its labels through the teacher. "
+            + (
+                f"Drop --teacher-weights: the study then trains its own teacher on {split['train']}."
+                if args.teacher_weights
+                else f"Delete {teacher_dir} so the study trains its teacher again on {split['train']}."
+            )
+        )
     t_opts = merge_opts(
         scale_schedule_opts(teacher_cfg, args.teacher_iters),
         quick,
