@@ -577,17 +577,13 @@ def teacher_changed_since_recorded(entry: dict, weights: str) -> Optional[str]:
 
 
 def bccd_image_ids(dataset: str) -> Optional[set]:
-    """Image ids of a BCCD split (``bccd_train``, ``bccd_val``, ...) from its ImageSets list, or
-    None for another dataset."""
+    """Image ids of a BCCD split (``bccd_train``, ``bccd_val``, ...), or None for another dataset."""
     from d2kd.data import datasets_root
     from d2kd.data.builtin import BCCD_SPLITS
+    from d2kd.data.voc import read_voc_split
 
     split = BCCD_SPLITS.get(dataset)
-    path = os.path.join(datasets_root(), "bccd", "ImageSets", "Main", f"{split}.txt")
-    if split is None or not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return {line.strip() for line in f if line.strip()}
+    return set(read_voc_split(os.path.join(datasets_root(), "bccd"), split)) if split else None
 
 
 def teacher_saw_eval_images(weights: str, eval_dataset: str) -> Optional[str]:
@@ -615,6 +611,7 @@ def teacher_saw_eval_images(weights: str, eval_dataset: str) -> Optional[str]:
 def register_quick_datasets(root: str) -> Dict[str, str]:
     """A few BCCD images as ``bccd_quick_train`` / ``bccd_quick_test`` (links to the real files)."""
     from d2kd.data import BCCD_CLASSES, datasets_root, register_voc_dataset
+    from d2kd.data.voc import read_voc_split
 
     src = os.path.abspath(os.path.join(datasets_root(), "bccd"))
     os.makedirs(os.path.join(root, "ImageSets", "Main"), exist_ok=True)
@@ -623,8 +620,7 @@ def register_quick_datasets(root: str) -> Dict[str, str]:
         if not os.path.exists(link):
             os.symlink(os.path.join(src, sub), link)
     for role, (split, n) in QUICK_IMAGES.items():
-        with open(os.path.join(src, "ImageSets", "Main", split + ".txt")) as f:
-            ids = [line.strip() for line in f if line.strip()][:n]
+        ids = read_voc_split(src, split)[:n]
         with open(os.path.join(root, "ImageSets", "Main", f"quick_{role}.txt"), "w") as f:
             f.write("\n".join(ids) + "\n")
         register_voc_dataset(QUICK_SPLIT[role], root, f"quick_{role}", BCCD_CLASSES)

@@ -16,12 +16,13 @@ from detectron2.structures import BoxMode
 
 from .mapper import DatasetFormatError, check_image_file
 
-__all__ = ["load_voc_detection", "register_voc_dataset"]
+__all__ = ["load_voc_detection", "read_voc_split", "register_voc_dataset"]
 
 logger = logging.getLogger(__name__)
 
 
-def _read_split(dirname: str, split: str) -> List[str]:
+def read_voc_split(dirname: str, split: str) -> List[str]:
+    """Image ids listed in ``dirname/ImageSets/Main/<split>.txt``; a clear error if it is missing or empty."""
     split_file = os.path.join(dirname, "ImageSets", "Main", split + ".txt")
     if not os.path.isfile(split_file):
         raise DatasetFormatError(
@@ -118,7 +119,7 @@ def load_voc_detection(dirname: str, split: str, class_names: Sequence[str]) -> 
         class_names: the dataset's classes; the index is the category id.
     """
     dicts = []
-    for image_id in _read_split(dirname, split):
+    for image_id in read_voc_split(dirname, split):
         anno_file = os.path.join(dirname, "Annotations", image_id + ".xml")
         image_file = os.path.join(dirname, "JPEGImages", image_id + ".jpg")
         dicts.append(_parse_annotation(anno_file, image_file, image_id, class_names))
