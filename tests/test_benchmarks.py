@@ -19,6 +19,7 @@ from d2kd.benchmark import (
     load_cfg,
     loss_balance,
     merge_opts,
+    other_cpu_runs,
     other_teacher_runs,
     render_chart,
     render_markdown,
@@ -474,6 +475,35 @@ def test_runs_distilled_from_another_teacher_are_listed(tmp_path):
     same = [r for r in runs if r["method"] not in ("gkd", "fbkd")]
     assert other_teacher_runs(same) == [] and "other teacher weights" not in render_markdown({"runs": same})
     assert other_teacher_runs(runs[1:]) == []  # no teacher row: nothing to compare with
+
+
+def test_runs_on_another_cpu_kind_than_their_baseline_are_listed():
+    """A from-scratch run did not repeat across CPU kinds here (the val teacher: 57.7 vs 58.6 AP),
+    so a distillation run trained on another CPU than the baseline of its seed is named."""
+
+    def run(method, seed, cpu, kind="distill"):
+        entry = {"method": method, "seed": seed, "kind": kind, "iterations": 600, "metrics": {"AP": 57.0}}
+        if cpu is not None:
+            entry["cpu"] = cpu
+        return entry
+
+    amd, intel = "AMD EPYC", "Intel(R) Xeon(R) Processor"
+    runs = [
+        run("teacher", 42, intel, kind="teacher"),  # the teacher is not paired with a baseline
+        run("baseline", 0, amd, kind="baseline"),
+        run("baseline", 1, intel, kind="baseline"),
+        run("cwd", 0, intel),  # other CPU than baseline s0
+        run("cwd", 1, intel),  # same as baseline s1
+        run("kd", 0, amd),
+        run("kd", 2, intel),  # no baseline of seed 2
+        run("fgd", 0, None),  # recorded before cpu existed: unknown, not listed
+    ]
+    assert other_cpu_runs(runs) == [("cwd", 0, intel, amd)]
+    md = render_markdown({"runs": runs})
+    assert "another CPU kind than the baseline run of their seed: cwd s0 (Intel(R) Xeon(R) Processor; " \
+        "baseline AMD EPYC)." in md
+    same = [r for r in runs if r["method"] != "cwd"]
+    assert other_cpu_runs(same) == [] and "another CPU kind" not in render_markdown({"runs": same})
 
 
 def test_teacher_weights_changed_since_the_teacher_row(accuracy, tmp_path):

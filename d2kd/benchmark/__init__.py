@@ -7,6 +7,13 @@ the accuracy study's report (``accuracy_report``).
 
 from .common import *  # noqa: F401,F403
 from .common import __all__  # noqa: F401
-from .accuracy_report import METRICS, other_teacher_runs, render_chart, render_markdown, summarize  # noqa: F401
+from .accuracy_report import (  # noqa: F401
+    METRICS,
+    other_cpu_runs,
+    other_teacher_runs,
+    render_chart,
+    render_markdown,
+    summarize,
+)
 from .loss_balance import loss_balance, read_logged_iterations  # noqa: F401
 from .scheduler import run_with_dependencies  # noqa: F401

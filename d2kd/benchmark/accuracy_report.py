@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 from .common import markdown_table
 
-__all__ = ["METRICS", "summarize", "other_teacher_runs", "render_markdown", "render_chart"]
+__all__ = ["METRICS", "summarize", "other_teacher_runs", "other_cpu_runs", "render_markdown", "render_chart"]
 
 METRICS = ("AP", "AP50", "AP75")
 # Two evaluations of one teacher checkpoint on one split agree to far better than this.
@@ -116,6 +116,35 @@ def _other_teacher_lines(runs: List[dict]) -> List[str]:
     ]
 
 
+def other_cpu_runs(runs: List[dict]) -> List[tuple]:
+    """
+    ``(method, seed, cpu, baseline cpu)`` of the runs trained on another CPU kind (the ``cpu``
+    each run records) than the baseline run of their seed. The same from-scratch run did not
+    repeat across CPU kinds here (the BCCD val teacher: 57.7 AP on an AMD EPYC, 58.6 on an Intel Xeon;
+    docs/accuracy_study.md), so such a pair's difference holds machine noise as well as the
+    method's effect. Runs or baselines without a recorded ``cpu`` are not listed.
+    """
+    baseline_cpu = {e["seed"]: e.get("cpu") for e in runs if e.get("kind") == "baseline"}
+    found = []
+    for e in runs:
+        theirs = baseline_cpu.get(e.get("seed"))
+        if e.get("kind") == "distill" and e.get("cpu") and theirs and e["cpu"] != theirs:
+            found.append((e["method"], e["seed"], e["cpu"], theirs))
+    return sorted(found)
+
+
+def _other_cpu_lines(runs: List[dict]) -> List[str]:
+    found = other_cpu_runs(runs)
+    if not found:
+        return []
+    listed = ", ".join(f"{method} s{seed} ({cpu}; baseline {base})" for method, seed, cpu, base in found)
+    return [
+        f"Trained on another CPU kind than the baseline run of their seed: {listed}. A from-scratch "
+        "run did not repeat across CPU kinds here, so their paired gain also holds machine noise.",
+        "",
+    ]
+
+
 def _fmt(mean, std=None, signed=False, digits=1):
     if mean is None:
         return "–"
@@ -170,6 +199,7 @@ def render_markdown(results: dict) -> str:
             align="lrrrrrrrrl",
         ),
         *_other_teacher_lines(runs),
+        *_other_cpu_lines(runs),
         *_loss_balance_lines(runs),
         f"Runs: {len(runs)}; dates {dates[0] if dates else '?'} .. {dates[-1] if dates else '?'}; "
         f"commit(s) {', '.join(c[:12] for c in commits)}{' (working tree had local changes)' if dirty else ''}.",

@@ -201,8 +201,8 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
         # Lower bound of the Eq. 8 weight, which lies in [-1, 1]: an instance whose student and
         # teacher similarities to their prototypes differ by more than 1 gets a negative weight,
         # and its squared-error / KL term becomes one the optimiser maximises, without bound.
-        # 0.0 drops such instances (d2kd's default: the BCCD gkd run diverged without it, README);
-        # -1.0 keeps the code's unclamped weight.
+        # 0.0 drops such instances (d2kd's default: the BCCD gkd run diverged without it,
+        # docs/accuracy_study.md); -1.0 keeps the code's unclamped weight.
         node.ROBUST_WEIGHT_FLOOR = 0.0
         # Eq. 6 projection: "cosine" (released code) or "mp" (Eq. 5 coefficients, [UNVERIFIED]).
         node.PROJECTION = "cosine"
@@ -212,7 +212,7 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
         # Response KL temperature; KL_CLASS_MEAN: divide the KL by K+1 (K on RetinaNet), the
         # 1/(K+1) of the response formula (methods.md 3(iii), paper text + code). False sums over
         # classes: with RESPONSE_WEIGHT 5 that is (K+1)x the scale, and it made the BCCD gkd run
-        # diverge once the second prototype update raised the robust weights (README).
+        # diverge once the second prototype update raised the robust weights (docs/accuracy_study.md).
         node.TEMPERATURE = 2.0
         node.KL_CLASS_MEAN = True
         # RetinaNet response on the sigmoid logits: "binary" (per-class binary KL) or "softmax"
