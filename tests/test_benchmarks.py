@@ -321,6 +321,22 @@ def test_baselines_imported_from_another_study_pair_by_seed(tmp_path, accuracy):
         accuracy.import_baselines(results, store, str(other), design["config"])
 
 
+def test_copied_baselines_from_another_cpu_kind_are_warned_about(accuracy):
+    """--baseline-from copying baselines trained on another CPU kind than this machine warns,
+    naming the seeds and CPUs and how to train the baseline here instead."""
+    runs = [
+        {"method": "baseline", "seed": 0, "kind": "baseline", "cpu": "AMD EPYC"},
+        {"method": "baseline", "seed": 1, "kind": "baseline", "cpu": "Intel Xeon"},
+        {"method": "baseline", "seed": 2, "kind": "baseline"},  # no cpu recorded: unknown
+        {"method": "cwd", "seed": 0, "kind": "distill", "cpu": "AMD EPYC"},
+    ]
+    message = accuracy.baselines_from_another_cpu({"runs": runs}, [0, 1, 2], "Intel Xeon")
+    assert message.startswith("WARNING") and "seed 0 on AMD EPYC" in message and "seed 1" not in message
+    assert "this machine (Intel Xeon)" in message and "--force" in message
+    assert accuracy.baselines_from_another_cpu({"runs": runs}, [1, 2], "Intel Xeon") is None
+    assert accuracy.baselines_from_another_cpu({"runs": runs}, [], "Intel Xeon") is None
+
+
 def test_schedule_override_scales_steps_and_distill_delays(accuracy):
     from d2kd.benchmark import load_cfg
 

@@ -290,6 +290,29 @@ def _invocation(argv) -> dict:
 BASELINE_IDENTITY = ("config", "config_sha1", "iterations", "train_dataset", "test_dataset")
 
 
+def baselines_from_another_cpu(results: dict, seeds: List[int], cpu: str) -> Optional[str]:
+    """
+    A warning when baseline runs of ``seeds`` (just copied by ``--baseline-from``) were trained
+    on another CPU kind than ``cpu``, this machine's, on which this study trains its methods:
+    a from-scratch run did not repeat across CPU kinds here (docs/accuracy_study.md), so those
+    pairs would hold machine noise. None when every copied baseline ran on ``cpu`` (or is unknown).
+    """
+    other = sorted(
+        (e["seed"], e["cpu"])
+        for e in results.get("runs", [])
+        if e.get("kind") == "baseline" and e["seed"] in seeds and e.get("cpu") and e["cpu"] != cpu
+    )
+    if not other:
+        return None
+    listed = ", ".join(f"seed {seed} on {their_cpu}" for seed, their_cpu in other)
+    return (
+        f"WARNING: copied baselines ran on another CPU kind than this machine ({cpu}): {listed}. "
+        "Runs trained here pair with them across machines (the report will name those pairs). "
+        "To pair on one machine, train the baseline here: drop --baseline-from and --no-baseline, "
+        "and pass --force with those --seeds."
+    )
+
+
 def import_baselines(results: dict, store: "ResultsFile", source_path: str, student_config: str) -> List[int]:
     """
     Copy into ``store`` the baseline runs of the results file ``source_path`` for the seeds
@@ -1020,6 +1043,9 @@ def _main(args, argv) -> int:
     if args.baseline_from:
         seeds = import_baselines(results, store, args.baseline_from, args.student_config)
         print(f"Baseline seeds {seeds} copied from {args.baseline_from}" if seeds else "No baseline seed to copy.")
+        warning = baselines_from_another_cpu(results, seeds, provenance()["cpu"])
+        if warning and not args.report_only:
+            print(warning)
         if seeds and args.report_only:  # otherwise the study records its invocation below
             store.add_invocation(_invocation(argv))
         backfilled = backfilled or bool(seeds)
