@@ -309,7 +309,7 @@ def baselines_from_another_cpu(results: dict, seeds: List[int], cpu: str) -> Opt
         f"WARNING: copied baselines ran on another CPU kind than this machine ({cpu}): {listed}. "
         "Runs trained here pair with them across machines (the report will name those pairs). "
         "To pair on one machine, train the baseline here: drop --baseline-from and --no-baseline, "
-        "and pass --force with those --seeds."
+        "and pass --force with those --seeds (it also re-runs the listed methods at those seeds)."
     )
 
 
