@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO
 
 from d2kd.benchmark import (
+    detector_fit,
     discover_methods,
     load_cfg,
     loss_balance,
@@ -273,6 +274,43 @@ def test_loss_balance_from_metrics_json_by_hand(tmp_path):
     md = render_markdown({"split": "test", "runs": runs, "invocations": []})
     row = next(line for line in md.splitlines() if line.startswith("| fitnet | 2 | 1.5"))
     assert row.rstrip(" |").split(" | ")[1:8] == ["2", "1.5", "1", "0.667", "3", "3", "1"]
+
+
+def test_detector_fit_from_metrics_json_by_hand(tmp_path):
+    """Means of the detector's own losses and foreground accuracy over the whole run and its last
+    10%, warm-up included; the report pairs each distilled run with the baseline of its seed."""
+    def write(folder, fg, box):
+        folder.mkdir()
+        lines = [{"iteration": it, "loss_cls": 0.5, "loss_box_reg": box(it), "fast_rcnn/fg_cls_accuracy": fg(it),
+                  "loss_kd_kd": 1.0, "lr": 0.02} for it in range(20)]
+        lines.append({"iteration": 20, "bbox/AP": 50.0})  # an evaluation record
+        (folder / "metrics.json").write_text("\n".join(json.dumps(r) for r in lines))
+        return detector_fit(str(folder))
+
+    base = write(tmp_path / "b", fg=lambda it: it / 20, box=lambda it: 1.0)
+    # fg accuracy 0, 0.05, ..., 0.95: mean 0.475; the last 2 (18, 19): 0.925
+    assert base["run"] == {"loss_cls": 0.5, "loss_box_reg": 1.0, "fast_rcnn/fg_cls_accuracy": pytest.approx(0.475),
+                           "iterations": [0, 19]}
+    assert base["end"] == {"loss_cls": 0.5, "loss_box_reg": 1.0, "fast_rcnn/fg_cls_accuracy": pytest.approx(0.925),
+                           "iterations": [18, 19]}
+    slow = write(tmp_path / "s", fg=lambda it: it / 40, box=lambda it: 1.0 + it / 10)
+    # fg: half the baseline's (0.2375 run, 0.4625 end); box: 1 + mean(0..19)/10 = 1.95 run, 1 + 18.5/10 = 2.85 end
+    assert slow["run"]["loss_box_reg"] == pytest.approx(1.95) and slow["end"]["loss_box_reg"] == pytest.approx(2.85)
+    assert detector_fit(str(tmp_path / "missing")) is None
+
+    def run(method, seed, kind, fit):
+        return {"method": method, "seed": seed, "kind": kind, "iterations": 20, "detector_fit": fit,
+                "metrics": {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}}
+
+    runs = [run("baseline", 0, "baseline", base), run("baseline", 1, "baseline", slow), run("kd", 0, "distill", slow),
+            run("kd", 2, "distill", slow)]  # kd seed 2 has no baseline: not paired
+    md = render_markdown({"split": "test", "runs": runs, "invocations": []})
+    baseline_row = next(line for line in md.splitlines() if line.startswith("| **baseline** | 2 | 0."))
+    # baseline mean over its seeds: fg run (0.475 + 0.2375) / 2, fg end (0.925 + 0.4625) / 2, cls 0.5,
+    # box run (1 + 1.95) / 2, box end (1 + 2.85) / 2
+    assert baseline_row.rstrip(" |").split(" | ")[1:] == ["2", "0.356", "0.694", "0.500", "0.500", "1.475", "1.925"]
+    kd_row = next(line for line in md.splitlines() if line.startswith("| kd | 1 | -"))
+    assert kd_row.rstrip(" |").split(" | ")[1:] == ["1", "-0.237", "-0.463", "+0.000", "+0.000", "+0.950", "+1.850"]
 
 
 def test_loss_balance_keeps_weight_regularisers_apart(tmp_path, accuracy):
@@ -678,9 +716,11 @@ def _flat(cfg, prefix=""):
 
 
 def test_validation_tuning_configs_change_only_their_setting():
-    """configs/bccd/val_tuning: each variant is its preset with one setting changed (cwd_kd adds
-    the kd head at kd's preset values), and all belong to the Faster R-CNN R50 -> R18 study."""
+    """configs/bccd/val_tuning: each variant is its preset with one setting changed (cwd is the
+    preset itself; cwd_kd adds the kd head at kd's preset values), and all belong to the Faster
+    R-CNN R50 -> R18 study."""
     expected = {
+        "cwd": ("distill_cwd_R50_R18.yaml", {}),
         "cwd_w3": ("distill_cwd_R50_R18.yaml", {"DISTILL.CWD.WEIGHT": 3.0}),
         "cwd_w30": ("distill_cwd_R50_R18.yaml", {"DISTILL.CWD.WEIGHT": 30.0}),
         "cwd_kd": ("distill_cwd_R50_R18.yaml", {"DISTILL.HEADS": ["cwd", "kd"]}),
@@ -722,6 +762,10 @@ def test_accuracy_quick_runs_resumes_and_refuses_mixed_schedules(accuracy, tmp_p
     assert runs[("fitnet", 0)]["teacher_weights_sha1"] == runs[("teacher", 42)]["weights_sha1"]
     balance = runs[("fitnet", 0)]["loss_balance"]  # read back from the run's metrics.json
     assert balance["end"]["distill"] > 0 and balance["end"]["detector"] > 0 and "loss_balance" not in runs[("baseline", 0)]
+    for key in (("baseline", 0), ("fitnet", 0)):  # the student's own fit, from the same file
+        fit = runs[key]["detector_fit"]
+        assert fit["end"]["loss_cls"] > 0 and fit["run"]["iterations"] == [1, 1]  # the last iteration is logged
+    assert "detector_fit" not in runs[("teacher", 42)]
     md = (tmp_path / "bccd_accuracy_quick.md").read_text()
     assert "| fitnet | 1 |" in md and "python tools/benchmark_accuracy.py --quick --output-dir" in md
     assert (tmp_path / "bccd_accuracy_quick.png").stat().st_size > 0
@@ -731,13 +775,15 @@ def test_accuracy_quick_runs_resumes_and_refuses_mixed_schedules(accuracy, tmp_p
     again = json.loads((tmp_path / "bccd_accuracy_quick.json").read_text())
     assert [r["date"] for r in again["runs"]] == [r["date"] for r in data["runs"]]
     assert len(again["invocations"]) == 2
-    # A distill run recorded without its loss balance (older results) gets it back from its folder.
+    # A run recorded without its loss balance or fit (older results) gets them back from its folder.
     for r in again["runs"]:
         r.pop("loss_balance", None)
+        r.pop("detector_fit", None)
     (tmp_path / "bccd_accuracy_quick.json").write_text(json.dumps(again))
     assert accuracy.main(["--quick", "--output-dir", str(tmp_path), "--report-only"]) == 0
     restored = json.loads((tmp_path / "bccd_accuracy_quick.json").read_text())
     assert [r.get("loss_balance") for r in restored["runs"]] == [r.get("loss_balance") for r in data["runs"]]
+    assert [r.get("detector_fit") for r in restored["runs"]] == [r.get("detector_fit") for r in data["runs"]]
     # Side-by-side runs are subprocesses: not with the in-process quick mode.
     with pytest.raises(SystemExit, match="--jobs N > 1 trains runs side by side in subprocesses"):
         accuracy.main(["--quick", "--output-dir", str(tmp_path), "--jobs", "2"])

@@ -75,6 +75,7 @@ from d2kd.benchmark import (  # noqa: E402
     git_info,
     run_from_repo_root,
     load_cfg,
+    detector_fit,
     loss_balance,
     read_logged_iterations,
     merge_opts,
@@ -983,6 +984,8 @@ def record_job(job: Job, results: dict, args, split: Dict[str, str], invocation:
         entry["teacher_metrics"] = evaluated["teacher/bbox"]
     if job.kind == "distill":
         entry["loss_balance"] = loss_balance(job.output_dir)
+    if job.kind in ("baseline", "distill"):
+        entry["detector_fit"] = detector_fit(job.output_dir)
     entry.update(
         {
             k: v
@@ -1024,13 +1027,16 @@ def _main(args, argv) -> int:
     results = read_json(json_path) or {}
     store = ResultsFile(json_path, results)
     backfilled = False
-    for entry in results.get("runs", []):  # runs recorded before the loss balance was, or by an older rule
-        if entry.get("kind") == "distill" and _same_schedule(entry):
-            balance = loss_balance(entry["output_dir"])
-            if balance is not None and balance != entry.get("loss_balance"):
-                entry["loss_balance"] = balance
-                store.add_run(entry)
-                backfilled = True
+    for entry in results.get("runs", []):  # runs recorded before the loss balance or fit was, or by an older rule
+        if entry.get("kind") in ("baseline", "distill") and _same_schedule(entry):
+            found = {"detector_fit": detector_fit(entry["output_dir"])}
+            if entry["kind"] == "distill":
+                found["loss_balance"] = loss_balance(entry["output_dir"])
+            for key, value in found.items():
+                if value is not None and value != entry.get(key):
+                    entry[key] = value
+                    store.add_run(entry)
+                    backfilled = True
         # harvested before file times were read (None), or read by an older rule: read them now
         timed_by_files = entry.get("wall_time_s") is None or str(entry.get("wall_time_source")).startswith("file times")
         if entry.get("action") == "harvest" and timed_by_files and os.path.isdir(entry["output_dir"]):

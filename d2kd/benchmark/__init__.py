@@ -15,5 +15,6 @@ from .accuracy_report import (  # noqa: F401
     render_markdown,
     summarize,
 )
+from .detector_fit import detector_fit, detector_fit_lines  # noqa: F401
 from .loss_balance import loss_balance, read_logged_iterations  # noqa: F401
 from .scheduler import run_with_dependencies  # noqa: F401

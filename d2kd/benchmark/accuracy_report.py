@@ -5,7 +5,8 @@ gap closed, the gain paired by seed, the loss balance, as a Markdown table and a
 
 Input is the study's results dict: ``{"runs": [entry, ...], "invocations": [...], ...}``, one
 entry per (method, seed) with ``metrics`` (AP, AP50, AP75), ``iterations``, ``date``, ``git``
-and, for distillation runs, ``loss_balance`` (:func:`d2kd.benchmark.loss_balance`).
+and, for distillation runs, ``loss_balance`` (:func:`d2kd.benchmark.loss_balance`); student
+runs may carry ``detector_fit`` (:func:`d2kd.benchmark.detector_fit`).
 """
 
 import math
@@ -14,6 +15,7 @@ from collections import OrderedDict
 from typing import Dict, List, Optional
 
 from .common import markdown_table
+from .detector_fit import detector_fit_lines
 
 __all__ = ["METRICS", "summarize", "other_teacher_runs", "other_cpu_runs", "render_markdown", "render_chart"]
 
@@ -201,6 +203,7 @@ def render_markdown(results: dict) -> str:
         *_other_teacher_lines(runs),
         *_other_cpu_lines(runs),
         *_loss_balance_lines(runs),
+        *detector_fit_lines(runs),
         f"Runs: {len(runs)}; dates {dates[0] if dates else '?'} .. {dates[-1] if dates else '?'}; "
         f"commit(s) {', '.join(c[:12] for c in commits)}{' (working tree had local changes)' if dirty else ''}.",
         "",
