@@ -9,12 +9,11 @@ and, for distillation runs, ``loss_balance`` (:func:`d2kd.benchmark.loss_balance
 runs may carry ``detector_fit`` (:func:`d2kd.benchmark.detector_fit`).
 """
 
-import math
 import os
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
-from .common import markdown_table
+from .common import markdown_table, mean_std
 from .detector_fit import detector_fit_lines
 
 __all__ = ["METRICS", "summarize", "other_teacher_runs", "other_cpu_runs", "render_markdown", "render_chart"]
@@ -22,16 +21,6 @@ __all__ = ["METRICS", "summarize", "other_teacher_runs", "other_cpu_runs", "rend
 METRICS = ("AP", "AP50", "AP75")
 # Two evaluations of one teacher checkpoint on one split agree to far better than this.
 TEACHER_AP_TOLERANCE = 0.05
-
-
-def _mean_std(values: List[float]):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def summarize(runs: List[dict], metrics=METRICS) -> "OrderedDict[str, dict]":
@@ -54,7 +43,7 @@ def summarize(runs: List[dict], metrics=METRICS) -> "OrderedDict[str, dict]":
             "AP_per_seed": sorted((e["seed"], e["metrics"].get("AP")) for e in entries),
         }
         for m in metrics:
-            row[m], row[m + "_std"] = _mean_std([e["metrics"].get(m) for e in entries])
+            row[m], row[m + "_std"] = mean_std([e["metrics"].get(m) for e in entries])
         rows[method] = row
     base, teacher = rows.get("baseline"), rows.get("teacher")
     for method, row in rows.items():
@@ -75,7 +64,7 @@ def summarize(runs: List[dict], metrics=METRICS) -> "OrderedDict[str, dict]":
             base_by_seed = dict(base["AP_per_seed"])
             diffs = [ap - base_by_seed[seed] for seed, ap in row["AP_per_seed"]
                      if ap is not None and base_by_seed.get(seed) is not None]
-        row["AP_paired_gain"], row["AP_paired_gain_std"] = _mean_std(diffs)
+        row["AP_paired_gain"], row["AP_paired_gain_std"] = mean_std(diffs)
         row["AP_paired_n"] = len(diffs)
     ordered = OrderedDict()
     for special in ("teacher", "baseline"):

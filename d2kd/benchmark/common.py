@@ -25,6 +25,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 from ..engine.checkpoint import atomic_write_bytes
 
 __all__ = [
+    "mean_std",
     "run_from_repo_root",
     "REPO_ROOT",
     "BCCD_CONFIG_DIR",
@@ -336,6 +337,18 @@ def read_json(path: str, default=None):
         return default
     with open(path) as f:
         return json.load(f)
+
+
+def mean_std(values: Sequence[Optional[float]]):
+    """Mean and sample standard deviation (ddof 1) of the values that are not None; ``(None, None)``
+    without any, std None with one."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence], align: Optional[str] = None) -> str:

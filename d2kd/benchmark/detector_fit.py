@@ -14,7 +14,7 @@ box-regression loss at its end (the accuracy report's "Detector fit" table).
 import os
 from typing import Dict, List, Optional
 
-from .common import markdown_table
+from .common import markdown_table, mean_std
 from .loss_balance import read_logged_iterations
 
 __all__ = ["FIT_KEYS", "detector_fit", "detector_fit_lines"]
@@ -74,7 +74,7 @@ def detector_fit_lines(runs: List[dict]) -> List[str]:
     base = {e["seed"]: e["detector_fit"] for e in fits if e["kind"] == "baseline"}
     if not base:
         return []
-    base_means = [_mean([fit[w].get(k) for fit in base.values()]) for w, k, _ in FIT_COLUMNS]
+    base_means = [mean_std([fit[w].get(k) for fit in base.values()])[0] for w, k, _ in FIT_COLUMNS]
     rows = [["**baseline**", len(base)] + [_cell(mean) for mean in base_means]]
     by_method: Dict[str, List[dict]] = {}
     for e in fits:
@@ -86,7 +86,7 @@ def detector_fit_lines(runs: List[dict]) -> List[str]:
         for w, k, _ in FIT_COLUMNS:
             diffs = [e["detector_fit"][w].get(k) - base[e["seed"]][w][k] for e in pairs
                      if e["detector_fit"][w].get(k) is not None and base[e["seed"]][w].get(k) is not None]
-            cells.append(_cell(_mean(diffs), signed=True))
+            cells.append(_cell(mean_std(diffs)[0], signed=True))
         rows.append([method, len(pairs)] + cells)
     return [
         "Detector fit (from each run's metrics.json): the detector's own losses and the RoI head's accuracy "
@@ -97,11 +97,6 @@ def detector_fit_lines(runs: List[dict]) -> List[str]:
         "",
         markdown_table(["Method", "pairs"] + [h for _, _, h in FIT_COLUMNS], rows, align="lr" + "r" * len(FIT_COLUMNS)),
     ]
-
-
-def _mean(values: List[Optional[float]]) -> Optional[float]:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def _cell(value: Optional[float], signed: bool = False) -> str:
