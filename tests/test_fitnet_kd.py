@@ -120,3 +120,51 @@ def test_kd_head_uses_roi_scores_of_both_models():
     assert out[""].item() == pytest.approx(3.0 * 4.0 * float(np.sum(q * np.log(q / p))), rel=1e-5)
     with pytest.raises(DistillConfigError, match="3 classes.*teacher 5"):
         KD(cfg, BuildContext(_RoIModel(3), _RoIModel(5), None, None))
+
+
+def test_kd_classifier_only_trains_only_the_class_score_layer():
+    """DISTILL.KD.CLASSIFIER_ONLY: the student's logits are recomputed from its detached box
+    features, so the KD gradient reaches cls_score (dL/dW = g^T x with
+    g = WEIGHT * T * (p - q) / R) and nothing before it; the head owns no parameter."""
+    from d2kd.heads import BuildContext, DistillConfigError
+
+    torch.manual_seed(0)
+
+    class _RoIModel(nn.Module):
+        def __init__(self, k, with_linear=True):
+            super().__init__()
+            self.roi_heads = nn.Module()
+            self.roi_heads.box_predictor = nn.Module()
+            if with_linear:
+                self.roi_heads.box_predictor.cls_score = nn.Linear(5, k + 1)
+            self.roi_heads.num_classes = k
+
+    cfg = get_distill_cfg()
+    cfg.DISTILL.KD.TEMPERATURE = 2.0
+    cfg.DISTILL.KD.WEIGHT = 3.0
+    cfg.DISTILL.KD.CLASSIFIER_ONLY = True
+    student = _RoIModel(2)
+    head = KD(cfg, BuildContext(student, _RoIModel(2), None, None))
+    assert len(head.state_dict()) == 0 and len(list(head.parameters())) == 0
+
+    shared_fc = nn.Linear(4, 5)  # stands for the box head's FC layers
+    box_features = shared_fc(torch.randn(2, 4))
+    zs = student.roi_heads.box_predictor.cls_score(box_features)
+    zt = torch.tensor([[0.5, -1.0, 2.0], [1.0, 1.0, 0.0]])
+    out = head(
+        Records({"roi_heads.box_predictor": [((box_features,), (zs, None))]}),
+        Records({"roi_heads.box_predictor": [((), (zt, None))]}),
+        None,
+    )[""]
+    z, t, x = zs.detach().numpy(), zt.numpy(), box_features.detach().numpy()
+    p = np.exp(z / 2) / np.exp(z / 2).sum(1, keepdims=True)
+    q = np.exp(t / 2) / np.exp(t / 2).sum(1, keepdims=True)
+    assert out.item() == pytest.approx(3.0 * 4.0 * float(np.sum(q * np.log(q / p))) / 2, rel=1e-5)
+    out.backward()
+    assert shared_fc.weight.grad is None and shared_fc.bias.grad is None
+    g = 3.0 * 2.0 * (p - q) / 2
+    np.testing.assert_allclose(student.roi_heads.box_predictor.cls_score.weight.grad.numpy(), g.T @ x, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(student.roi_heads.box_predictor.cls_score.bias.grad.numpy(), g.sum(0), rtol=1e-4, atol=1e-6)
+
+    with pytest.raises(DistillConfigError, match="cls_score linear layer.*CLASSIFIER_ONLY False"):
+        KD(cfg, BuildContext(_RoIModel(2, with_linear=False), _RoIModel(2), None, None))

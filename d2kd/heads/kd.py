@@ -1,10 +1,12 @@
 """Hinton knowledge distillation on the RoI head's class scores (methods.md 5.1)."""
 
+import torch
 from detectron2.config import CfgNode as CN
+from torch import nn
 
 from ..losses import kd_kl_div
-from .base import DISTILL_HEAD_REGISTRY, DistillHead
-from .roi_logits import RoILogitsMixin
+from .base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
+from .roi_logits import BOX_PREDICTOR, RoILogitsMixin
 
 __all__ = ["KD"]
 
@@ -20,6 +22,11 @@ class KD(RoILogitsMixin, DistillHead):
     The teacher's box head runs on the student's sampled RoIs. The hard loss stays the
     detector's own ``loss_cls``. ``TEMPERATURE`` defaults to 1: Chen et al. 2017 found no
     temperature best for detection; classification work uses 2-4.
+
+    ``CLASSIFIER_ONLY`` (a diagnostic, not in the paper; default off): the student's logits
+    are recomputed from its box-head features with the gradient stopped, so the KD term
+    trains only the class-score layer (``box_predictor.cls_score``), not the box head's
+    shared FC layers or the backbone that the box regressor also depends on.
     """
 
     @classmethod
@@ -27,6 +34,7 @@ class KD(RoILogitsMixin, DistillHead):
         cfg.DISTILL.KD = CN()
         cfg.DISTILL.KD.WEIGHT = 1.0
         cfg.DISTILL.KD.TEMPERATURE = 1.0
+        cfg.DISTILL.KD.CLASSIFIER_ONLY = False
 
     def __init__(self, cfg, context):
         super().__init__(cfg, context)
@@ -36,8 +44,23 @@ class KD(RoILogitsMixin, DistillHead):
         self.weight = opts.WEIGHT
         self.temperature = opts.TEMPERATURE
         self._require_roi_logits(context)
+        self._student_class_scores = None
+        if opts.CLASSIFIER_ONLY:
+            cls_score = getattr(context.student.roi_heads.box_predictor, "cls_score", None)
+            if not isinstance(cls_score, nn.Linear):
+                raise DistillConfigError(
+                    "DISTILL.KD.CLASSIFIER_ONLY recomputes the student's class scores with its "
+                    "box_predictor.cls_score linear layer, which this student "
+                    f"({type(context.student.roi_heads.box_predictor).__name__}) does not have; "
+                    "set DISTILL.KD.CLASSIFIER_ONLY False."
+                )
+            # A bound method, not a submodule: the head must not own or checkpoint the layer.
+            self._student_class_scores = cls_score.forward
 
     def forward(self, student, teacher, step):
         student_scores, _ = self.roi_predictions(student)
+        if self._student_class_scores is not None:
+            box_features = student.inputs(BOX_PREDICTOR)[0]
+            student_scores = self._student_class_scores(torch.flatten(box_features, 1).detach())
         teacher_scores, _ = self.roi_predictions(teacher)
         return {"": self.weight * kd_kl_div(student_scores, teacher_scores, self.temperature)}
