@@ -716,11 +716,12 @@ def _flat(cfg, prefix=""):
 
 
 def test_validation_tuning_configs_change_only_their_setting():
-    """configs/bccd/val_tuning: each variant is its preset with one setting changed (cwd is the
-    preset itself; cwd_kd adds the kd head at kd's preset values), and all belong to the Faster
+    """configs/bccd/val_tuning: each variant is its preset with one setting changed (cwd and kd
+    are the presets themselves; cwd_kd adds the kd head at kd's preset values), and all belong to the Faster
     R-CNN R50 -> R18 study."""
     expected = {
         "cwd": ("distill_cwd_R50_R18.yaml", {}),
+        "kd": ("distill_kd_R50_R18.yaml", {}),
         "cwd_w3": ("distill_cwd_R50_R18.yaml", {"DISTILL.CWD.WEIGHT": 3.0}),
         "cwd_w30": ("distill_cwd_R50_R18.yaml", {"DISTILL.CWD.WEIGHT": 30.0}),
         "cwd_kd": ("distill_cwd_R50_R18.yaml", {"DISTILL.HEADS": ["cwd", "kd"]}),
