@@ -95,14 +95,20 @@ def test_fitnet_without_adapter_needs_equal_channels():
     assert out["p2"].item() == pytest.approx(1.0)
 
 
-def test_kd_head_uses_roi_scores_of_both_models():
-    class _RoIModel(nn.Module):
-        def __init__(self, k):
-            super().__init__()
-            self.roi_heads = nn.Module()
-            self.roi_heads.box_predictor = nn.Module()
-            self.roi_heads.num_classes = k
+class _RoIModel(nn.Module):
+    """A stand-in two-stage detector: ``roi_heads`` with ``num_classes`` and a box predictor,
+    whose class-score layer (``cls_in`` features in) exists only when asked for."""
 
+    def __init__(self, k, cls_in=None):
+        super().__init__()
+        self.roi_heads = nn.Module()
+        self.roi_heads.box_predictor = nn.Module()
+        if cls_in is not None:
+            self.roi_heads.box_predictor.cls_score = nn.Linear(cls_in, k + 1)
+        self.roi_heads.num_classes = k
+
+
+def test_kd_head_uses_roi_scores_of_both_models():
     from d2kd.heads import BuildContext, DistillConfigError
 
     cfg = get_distill_cfg()
@@ -129,21 +135,11 @@ def test_kd_classifier_only_trains_only_the_class_score_layer():
     from d2kd.heads import BuildContext, DistillConfigError
 
     torch.manual_seed(0)
-
-    class _RoIModel(nn.Module):
-        def __init__(self, k, with_linear=True):
-            super().__init__()
-            self.roi_heads = nn.Module()
-            self.roi_heads.box_predictor = nn.Module()
-            if with_linear:
-                self.roi_heads.box_predictor.cls_score = nn.Linear(5, k + 1)
-            self.roi_heads.num_classes = k
-
     cfg = get_distill_cfg()
     cfg.DISTILL.KD.TEMPERATURE = 2.0
     cfg.DISTILL.KD.WEIGHT = 3.0
     cfg.DISTILL.KD.CLASSIFIER_ONLY = True
-    student = _RoIModel(2)
+    student = _RoIModel(2, cls_in=5)
     head = KD(cfg, BuildContext(student, _RoIModel(2), None, None))
     assert len(head.state_dict()) == 0 and len(list(head.parameters())) == 0
 
@@ -167,4 +163,4 @@ def test_kd_classifier_only_trains_only_the_class_score_layer():
     np.testing.assert_allclose(student.roi_heads.box_predictor.cls_score.bias.grad.numpy(), g.sum(0), rtol=1e-4, atol=1e-6)
 
     with pytest.raises(DistillConfigError, match="cls_score linear layer.*CLASSIFIER_ONLY False"):
-        KD(cfg, BuildContext(_RoIModel(2, with_linear=False), _RoIModel(2), None, None))
+        KD(cfg, BuildContext(_RoIModel(2), _RoIModel(2), None, None))

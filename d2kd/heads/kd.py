@@ -58,8 +58,9 @@ class KD(RoILogitsMixin, DistillHead):
             self._student_class_scores = cls_score.forward
 
     def forward(self, student, teacher, step):
-        student_scores, _ = self.roi_predictions(student)
-        if self._student_class_scores is not None:
+        if self._student_class_scores is None:
+            student_scores, _ = self.roi_predictions(student)
+        else:
             box_features = student.inputs(BOX_PREDICTOR)[0]
             student_scores = self._student_class_scores(torch.flatten(box_features, 1).detach())
         teacher_scores, _ = self.roi_predictions(teacher)
