@@ -726,6 +726,7 @@ def test_validation_tuning_configs_change_only_their_setting():
         "cwd_w30": ("distill_cwd_R50_R18.yaml", {"DISTILL.CWD.WEIGHT": 30.0}),
         "cwd_kd": ("distill_cwd_R50_R18.yaml", {"DISTILL.HEADS": ["cwd", "kd"]}),
         "kd_w10": ("distill_kd_R50_R18.yaml", {"DISTILL.KD.WEIGHT": 10.0}),
+        "kd_w5": ("distill_kd_R50_R18.yaml", {"DISTILL.KD.WEIGHT": 5.0}),
         "kd_t4": ("distill_kd_R50_R18.yaml", {"DISTILL.KD.TEMPERATURE": 4.0}),
         "kd_w10_cls_only": ("distill_kd_R50_R18.yaml", {"DISTILL.KD.WEIGHT": 10.0, "DISTILL.KD.CLASSIFIER_ONLY": True}),
     }
