@@ -213,7 +213,8 @@ def build_parser():
         type=int,
         default=1,
         help="runs trained side by side (subprocesses; default 1). Each gets --threads or else "
-        "cpu_count // jobs threads; distillation runs start once the teacher is trained",
+        "cpu_count // jobs threads (a teacher trained with no baseline beside it gets cpu_count); "
+        "distillation runs start once the teacher is trained",
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan and commands, run nothing")
     p.add_argument("--report-only", action="store_true", help="only rewrite the Markdown table and chart from the JSON")
@@ -810,7 +811,20 @@ def plan_jobs(
     for job in jobs:
         job.extra.setdefault("num_gpus", args.num_gpus)
         job.extra["threads"] = args.threads or (max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None)
+    if args.jobs > 1 and not args.threads and teacher_trains_alone(jobs):
+        teacher.extra["threads"] = os.cpu_count() or 1
     return jobs
+
+
+def teacher_trains_alone(jobs: List[Job]) -> bool:
+    """True when the teacher is trained and no other run can share the machine with it: every
+    other run to do is a distillation run, which waits for the teacher. ``--jobs N`` would give it
+    only ``cpu_count // N`` threads and leave the rest of the CPU idle."""
+    to_run = [job for job in jobs if job.action != "skip"]
+    teachers = [job for job in to_run if job.kind == "teacher"]
+    return bool(teachers) and teachers[0].action in ("train", "resume") and all(
+        job.kind == "distill" for job in to_run if job.kind != "teacher"
+    )
 
 
 def _dataset_opts(cfg, split: Dict[str, str]) -> List[str]:
@@ -1098,7 +1112,9 @@ def _main(args, argv) -> int:
     )
     for i, job in enumerate(jobs):
         print(
-            f"  {i + 1:>2}. {job.label:<24} {job.action:<8} ({job.reason}); {job.iterations} iters\n"
+            f"  {i + 1:>2}. {job.label:<24} {job.action:<8} ({job.reason}); {job.iterations} iters"
+            + (f"; {job.extra['threads']} threads" if job.extra.get("threads") else "")
+            + "\n"
             f"      {job.command() if job.action not in ('skip', 'harvest') else ''}".rstrip()
         )
     if args.dry_run:
