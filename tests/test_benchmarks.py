@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 
 import pytest
@@ -640,6 +641,23 @@ def test_dry_run_plans_val_study_with_its_own_teacher(accuracy, tmp_path, capsys
     assert f"SEED 3 DISTILL.TEACHER.WEIGHTS {teacher_dir}/model_final.pth" in out
     assert "bccd_test" not in out and not (tmp_path / "w").exists()
     assert not (tmp_path / "bccd_accuracy_val.json").exists()
+
+
+def test_teacher_with_nothing_beside_it_gets_every_core(accuracy, tmp_path, capsys, monkeypatch):
+    """--jobs 2 splits the cores between two runs, but a teacher trained with no baseline to run
+    beside it (the distillation runs wait for it) gets them all."""
+    monkeypatch.setattr(accuracy.os, "cpu_count", lambda: 4)
+    common = ["--dry-run", "--eval-split", "val", "--methods", "kd", "--seeds", "3", "--jobs", "2"]
+    common += ["--output-dir", str(tmp_path), "--work-dir", str(tmp_path / "w")]
+
+    def planned_threads(extra):
+        assert accuracy.main(common + extra) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if " iters" in line]
+        return {re.match(r"\s*\d+\. (.+?)\s{2,}", line).group(1): line.rsplit("; ", 1)[1] for line in lines}
+
+    assert planned_threads([]) == {"teacher": "2 threads", "baseline seed 3": "2 threads", "kd seed 3": "2 threads"}
+    assert planned_threads(["--no-baseline"]) == {"teacher": "4 threads", "kd seed 3": "2 threads"}
+    assert planned_threads(["--no-baseline", "--threads", "1"]) == {"teacher": "1 thread", "kd seed 3": "1 thread"}
 
 
 def test_teacher_row_without_its_weights_is_trained_again_only_for_runs_that_need_it(accuracy, tmp_path, capsys):

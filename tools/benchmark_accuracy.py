@@ -1113,7 +1113,7 @@ def _main(args, argv) -> int:
     for i, job in enumerate(jobs):
         print(
             f"  {i + 1:>2}. {job.label:<24} {job.action:<8} ({job.reason}); {job.iterations} iters"
-            + (f"; {job.extra['threads']} threads" if job.extra.get("threads") else "")
+            + (f"; {job.extra['threads']} thread{'s' * (job.extra['threads'] != 1)}" if job.extra.get("threads") else "")
             + "\n"
             f"      {job.command() if job.action not in ('skip', 'harvest') else ''}".rstrip()
         )
