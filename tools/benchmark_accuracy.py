@@ -818,9 +818,10 @@ def plan_jobs(
 
 def teacher_trains_alone(jobs: List[Job]) -> bool:
     """True when the teacher is trained and no other run can share the machine with it: every
-    other run to do is a distillation run, which waits for the teacher. ``--jobs N`` would give it
-    only ``cpu_count // N`` threads and leave the rest of the CPU idle."""
-    to_run = [job for job in jobs if job.action != "skip"]
+    other run that trains is a distillation run, which waits for the teacher (a harvested run only
+    reads its folder). ``--jobs N`` would give it only ``cpu_count // N`` threads and leave the rest
+    of the CPU idle."""
+    to_run = [job for job in jobs if job.action not in ("skip", "harvest")]
     teachers = [job for job in to_run if job.kind == "teacher"]
     return bool(teachers) and teachers[0].action in ("train", "resume") and all(
         job.kind == "distill" for job in to_run if job.kind != "teacher"
