@@ -811,21 +811,18 @@ def plan_jobs(
     for job in jobs:
         job.extra.setdefault("num_gpus", args.num_gpus)
         job.extra["threads"] = args.threads or (max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None)
-    if args.jobs > 1 and not args.threads and teacher_trains_alone(jobs):
+    if args.jobs > 1 and not args.threads and teacher_trains_alone(teacher, jobs):
         teacher.extra["threads"] = os.cpu_count() or 1
     return jobs
 
 
-def teacher_trains_alone(jobs: List[Job]) -> bool:
+def teacher_trains_alone(teacher: Job, jobs: List[Job]) -> bool:
     """True when the teacher is trained and no other run can share the machine with it: every
     other run that trains is a distillation run, which waits for the teacher (a harvested run only
     reads its folder). ``--jobs N`` would give it only ``cpu_count // N`` threads and leave the rest
     of the CPU idle."""
-    to_run = [job for job in jobs if job.action not in ("skip", "harvest")]
-    teachers = [job for job in to_run if job.kind == "teacher"]
-    return bool(teachers) and teachers[0].action in ("train", "resume") and all(
-        job.kind == "distill" for job in to_run if job.kind != "teacher"
-    )
+    others = [job for job in jobs if job is not teacher and job.action not in ("skip", "harvest")]
+    return teacher.action in ("train", "resume") and all(job.kind == "distill" for job in others)
 
 
 def _dataset_opts(cfg, split: Dict[str, str]) -> List[str]:
@@ -1112,10 +1109,10 @@ def _main(args, argv) -> int:
         f"seeds {args.seeds}; {'in-process' if args.in_process else 'subprocess'} runs under {work_root}"
     )
     for i, job in enumerate(jobs):
+        threads = job.extra.get("threads")
+        threads_note = f"; {threads} thread{'s' if threads != 1 else ''}" if threads else ""
         print(
-            f"  {i + 1:>2}. {job.label:<24} {job.action:<8} ({job.reason}); {job.iterations} iters"
-            + (f"; {job.extra['threads']} thread{'s' * (job.extra['threads'] != 1)}" if job.extra.get("threads") else "")
-            + "\n"
+            f"  {i + 1:>2}. {job.label:<24} {job.action:<8} ({job.reason}); {job.iterations} iters{threads_note}\n"
             f"      {job.command() if job.action not in ('skip', 'harvest') else ''}".rstrip()
         )
     if args.dry_run:
