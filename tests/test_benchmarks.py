@@ -23,6 +23,8 @@ from d2kd.benchmark import (
     merge_opts,
     other_cpu_runs,
     other_teacher_runs,
+    per_class_keys,
+    per_class_lines,
     render_chart,
     render_markdown,
     select_names,
@@ -283,7 +285,7 @@ def test_detector_fit_from_metrics_json_by_hand(tmp_path):
     def write(folder, fg, box):
         folder.mkdir()
         lines = [{"iteration": it, "loss_cls": 0.5, "loss_box_reg": box(it), "fast_rcnn/fg_cls_accuracy": fg(it),
-                  "loss_kd_kd": 1.0, "lr": 0.02} for it in range(20)]
+                  "loss_rpn_cls": box(it) / 5, "loss_kd_kd": 1.0, "lr": 0.02} for it in range(20)]
         lines.append({"iteration": 20, "bbox/AP": 50.0})  # an evaluation record
         (folder / "metrics.json").write_text("\n".join(json.dumps(r) for r in lines))
         return detector_fit(str(folder))
@@ -291,9 +293,9 @@ def test_detector_fit_from_metrics_json_by_hand(tmp_path):
     base = write(tmp_path / "b", fg=lambda it: it / 20, box=lambda it: 1.0)
     # fg accuracy 0, 0.05, ..., 0.95: mean 0.475; the last 2 (18, 19): 0.925
     assert base["run"] == {"loss_cls": 0.5, "loss_box_reg": 1.0, "fast_rcnn/fg_cls_accuracy": pytest.approx(0.475),
-                           "iterations": [0, 19]}
+                           "loss_rpn_cls": pytest.approx(0.2), "iterations": [0, 19]}
     assert base["end"] == {"loss_cls": 0.5, "loss_box_reg": 1.0, "fast_rcnn/fg_cls_accuracy": pytest.approx(0.925),
-                           "iterations": [18, 19]}
+                           "loss_rpn_cls": pytest.approx(0.2), "iterations": [18, 19]}
     slow = write(tmp_path / "s", fg=lambda it: it / 40, box=lambda it: 1.0 + it / 10)
     # fg: half the baseline's (0.2375 run, 0.4625 end); box: 1 + mean(0..19)/10 = 1.95 run, 1 + 18.5/10 = 2.85 end
     assert slow["run"]["loss_box_reg"] == pytest.approx(1.95) and slow["end"]["loss_box_reg"] == pytest.approx(2.85)
@@ -308,10 +310,38 @@ def test_detector_fit_from_metrics_json_by_hand(tmp_path):
     md = render_markdown({"split": "test", "runs": runs, "invocations": []})
     baseline_row = next(line for line in md.splitlines() if line.startswith("| **baseline** | 2 | 0."))
     # baseline mean over its seeds: fg run (0.475 + 0.2375) / 2, fg end (0.925 + 0.4625) / 2, cls 0.5,
-    # box run (1 + 1.95) / 2, box end (1 + 2.85) / 2
-    assert baseline_row.rstrip(" |").split(" | ")[1:] == ["2", "0.356", "0.694", "0.500", "0.500", "1.475", "1.925"]
+    # box run (1 + 1.95) / 2, box end (1 + 2.85) / 2, RPN cls end box end / 5: (0.2 + 0.57) / 2
+    assert baseline_row.rstrip(" |").split(" | ")[1:] == ["2", "0.356", "0.694", "0.500", "0.500", "1.475", "1.925",
+                                                           "0.385"]
     kd_row = next(line for line in md.splitlines() if line.startswith("| kd | 1 | -"))
-    assert kd_row.rstrip(" |").split(" | ")[1:] == ["1", "-0.237", "-0.463", "+0.000", "+0.000", "+0.950", "+1.850"]
+    assert kd_row.rstrip(" |").split(" | ")[1:] == ["1", "-0.237", "-0.463", "+0.000", "+0.000", "+0.950", "+1.850",
+                                                    "+0.370"]
+
+
+def test_per_class_table_pairs_each_class_by_seed():
+    """The report's per-class table: teacher and baseline means per class, their gap, and each
+    method's per-class gain paired with the baseline of its seed (a seed without one is left out)."""
+    def run(method, seed, kind, platelets, rbc, small):
+        return {"method": method, "seed": seed, "kind": kind, "iterations": 20,
+                "metrics": {"AP": 1.0, "AP50": 2.0, "AP75": 0.5, "AP-Platelets": platelets, "AP-RBC": rbc, "APs": small}}
+
+    runs = [run("teacher", 42, "teacher", 51.0, 57.0, 48.0),
+            run("baseline", 0, "baseline", 36.0, 53.0, 16.0), run("baseline", 1, "baseline", 33.0, 53.5, 15.0),
+            run("cwd", 0, "distill", 22.0, 54.5, 8.0), run("cwd", 1, "distill", 21.0, 54.0, 11.0),
+            run("cwd", 2, "distill", 99.0, 99.0, 99.0)]
+    assert per_class_keys(runs) == ["AP-Platelets", "AP-RBC", "APs"]
+    lines = per_class_lines(runs)
+    rows = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[1:] for line in "\n".join(lines).splitlines() if line.startswith("| ")}
+    assert rows["Method"] == ["pairs", "Platelets", "RBC", "APs"]
+    assert rows["**teacher**"] == ["1", "51.0", "57.0", "48.0"]
+    assert rows["**baseline**"] == ["2", "34.5", "53.2", "15.5"]  # 53.25 rounds to even
+    assert rows["gap (teacher − baseline)"] == ["–", "+16.5", "+3.8", "+32.5"]
+    # Platelets: 22 - 36 = -14, 21 - 33 = -12 -> -13 +- sqrt(2); RBC +1.5, +0.5 -> +1.0 +- 0.7; APs -8, -4 -> -6 +- 2.8
+    assert rows["cwd"] == ["2", "-13.0 ± 1.4", "+1.0 ± 0.7", "-6.0 ± 2.8"]
+    md = render_markdown({"split": "val", "runs": runs, "invocations": []})
+    assert "| cwd | 2 | -13.0 ± 1.4 | +1.0 ± 0.7 | -6.0 ± 2.8 |" in md
+    no_classes = [dict(e, metrics={"AP": 1.0}) for e in runs]
+    assert per_class_lines(no_classes) == [] and per_class_lines([e for e in runs if e["kind"] != "baseline"]) == []
 
 
 def test_loss_balance_keeps_weight_regularisers_apart(tmp_path, accuracy):

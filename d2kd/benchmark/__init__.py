@@ -16,5 +16,6 @@ from .accuracy_report import (  # noqa: F401
     summarize,
 )
 from .detector_fit import detector_fit, detector_fit_lines  # noqa: F401
+from .per_class import per_class_keys, per_class_lines  # noqa: F401
 from .loss_balance import loss_balance, read_logged_iterations  # noqa: F401
 from .scheduler import run_with_dependencies  # noqa: F401

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 
 from .common import markdown_table, mean_std
 from .detector_fit import detector_fit_lines
+from .per_class import per_class_lines
 
 __all__ = ["METRICS", "summarize", "other_teacher_runs", "other_cpu_runs", "render_markdown", "render_chart"]
 
@@ -192,6 +193,7 @@ def render_markdown(results: dict) -> str:
         *_other_teacher_lines(runs),
         *_other_cpu_lines(runs),
         *_loss_balance_lines(runs),
+        *per_class_lines(runs, methods=[m for m in summary if m not in ("teacher", "baseline")]),
         *detector_fit_lines(runs),
         f"Runs: {len(runs)}; dates {dates[0] if dates else '?'} .. {dates[-1] if dates else '?'}; "
         f"commit(s) {', '.join(c[:12] for c in commits)}{' (working tree had local changes)' if dirty else ''}.",

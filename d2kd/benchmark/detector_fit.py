@@ -60,6 +60,7 @@ FIT_COLUMNS = (
     ("end", "loss_cls", "loss_cls end"),
     ("run", "loss_box_reg", "loss_box_reg run"),
     ("end", "loss_box_reg", "loss_box_reg end"),
+    ("end", "loss_rpn_cls", "loss_rpn_cls end"),
 )
 
 
