@@ -774,6 +774,7 @@ def test_validation_tuning_configs_change_only_their_setting():
         "cwd_w30": ("distill_cwd_R50_R18.yaml", {"DISTILL.CWD.WEIGHT": 30.0}),
         "cwd_no_p2": ("distill_cwd_R50_R18.yaml", {"DISTILL.CWD.IN_FEATURES": ["p3", "p4", "p5", "p6"]}),
         "cwd_warm100": ("distill_cwd_R50_R18.yaml", {"DISTILL.WARMUP_ITERS": 100}),
+        "cwd_t4": ("distill_cwd_R50_R18.yaml", {"DISTILL.CWD.TAU": 4.0}),
         "cwd_kd": ("distill_cwd_R50_R18.yaml", {"DISTILL.HEADS": ["cwd", "kd"]}),
         "kd_w10": ("distill_kd_R50_R18.yaml", {"DISTILL.KD.WEIGHT": 10.0}),
         "kd_w5": ("distill_kd_R50_R18.yaml", {"DISTILL.KD.WEIGHT": 5.0}),
