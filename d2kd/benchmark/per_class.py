@@ -2,10 +2,10 @@
 Where the teacher-student gap lives, and where a method gains or loses it: the per-class AP
 (``AP-<class>``, Detectron2's COCOEvaluator) and the small-object AP (``APs``) of each run.
 
-A method's mean AP can hide a loss on one class under gains on others. On BCCD the teacher's
-lead over the student is largest on Platelets, the smallest objects, so a method that costs
-Platelets AP works against the gap it is meant to close (docs/accuracy_study.md, "A shorter
-schedule"). The report's "Per-class AP" table shows the teacher's and the baseline's AP per
+A method's mean AP can hide a loss on one class under gains on others. On BCCD's test split
+the teacher's lead over the student is largest on Platelets, the smallest objects, so a method
+that costs Platelets AP works against the gap it is meant to close (docs/accuracy_study.md,
+"Where the gap lives: per class" and "A shorter schedule"). The report's "Per-class AP" table shows the teacher's and the baseline's AP per
 class, the gap between them, and each method's gain per class paired by seed, as the main
 table pairs AP.
 """
