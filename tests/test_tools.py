@@ -22,6 +22,7 @@ def load_tool(name):
 plot_metrics = load_tool("plot_metrics")
 visualize_detections = load_tool("visualize_detections")
 trace_steps = load_tool("trace_steps")
+proposal_recall = load_tool("proposal_recall")
 
 
 def write_metrics(path, distill=True):
@@ -150,3 +151,41 @@ def test_trace_steps_records_each_step_and_stops_at_divergence(tmp_path, teacher
     records = trace_steps.trace(cfg, 5, str(out))
     assert [r["iteration"] for r in records] == [0, 1] and "Inf/NaN" in records[-1]["diverged"]
     assert "groups" in records[0] and len(out.read_text().splitlines()) == 2
+
+
+def test_covered_per_class_by_hand():
+    """A ground-truth box is covered at k when one of the first k proposals has IoU >= 0.5 with it."""
+    from d2kd.benchmark.proposal_recall import covered_per_class
+
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0], [50.0, 50.0, 54.0, 54.0]])
+    classes = torch.tensor([0, 0, 1])
+    proposals = torch.tensor([
+        [0.0, 0.0, 10.0, 12.0],    # IoU 100/120 = 0.83 with gt 0
+        [40.0, 40.0, 45.0, 45.0],  # overlaps nothing
+        [20.0, 20.0, 30.0, 40.0],  # IoU 100/200 = 0.5 with gt 1: covered (>=)
+        [50.0, 50.0, 58.0, 58.0],  # IoU 16/64 = 0.25 with gt 2: not covered
+    ])
+    assert covered_per_class(proposals, gt, classes, [1, 2, 4]) == {
+        1: {0: [1, 2], 1: [0, 1]}, 2: {0: [1, 2], 1: [0, 1]}, 4: {0: [2, 2], 1: [0, 1]}}
+    assert covered_per_class(proposals, gt, classes, [4], iou_threshold=0.2)[4] == {0: [2, 2], 1: [1, 1]}
+    assert covered_per_class(proposals, gt[:0], classes[:0], [4]) == {4: {}}
+
+
+def test_proposal_recall_tool_gives_one_checkpoint_the_same_recall_twice(tmp_path, teacher_r18_weights):
+    """The same weights under two names give the same table: the ground truth is not rescaled
+    in place by the first pass (detectron2's transform_instance_annotations edits its input)."""
+    out = tmp_path / "recall.md"
+    results = proposal_recall.main([
+        "--config-file", os.path.join(CONFIGS, "bccd", "student_R18_FPN.yaml"), "--dataset", "bccd_val",
+        "--top-k", "10", "100", "--output", str(out), "--weights", f"a={teacher_r18_weights}", f"b={teacher_r18_weights}",
+        "--max-images", "2", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192"])
+    assert results["a"] == results["b"]
+    assert set(results["a"]) == {10, 100} and set(results["a"][100]) <= {"RBC", "WBC", "Platelets"}
+    for k in (10, 100):
+        assert all(0.0 <= v <= 100.0 for v in results["a"][k].values())
+    assert all(results["a"][100][c] >= results["a"][10][c] for c in results["a"][10])  # more proposals cover more
+    text = out.read_text()
+    assert "Recall (%) of the top 100 proposals" in text and "python tools/proposal_recall.py" in text
+    with pytest.raises(SystemExit):
+        proposal_recall.main(["--config-file", os.path.join(CONFIGS, "bccd", "student_R18_FPN.yaml"),
+                              "--weights", f"a={tmp_path / 'missing.pth'}"])
