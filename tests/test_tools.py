@@ -172,8 +172,9 @@ def test_covered_per_class_by_hand():
 
 
 def test_proposal_recall_tool_gives_one_checkpoint_the_same_recall_twice(tmp_path, teacher_r18_weights):
-    """The same weights under two names give the same table: the ground truth is not rescaled
-    in place by the first pass (detectron2's transform_instance_annotations edits its input)."""
+    """The same weights under two names give the same table (the ground truth is rescaled once,
+    not once per checkpoint: detectron2's transform_instance_annotations edits its input), and
+    weights that do not fit the config are refused, not measured as a random model."""
     out = tmp_path / "recall.md"
     results = proposal_recall.main([
         "--config-file", os.path.join(CONFIGS, "bccd", "student_R18_FPN.yaml"), "--dataset", "bccd_val",
@@ -186,6 +187,9 @@ def test_proposal_recall_tool_gives_one_checkpoint_the_same_recall_twice(tmp_pat
     assert all(results["a"][100][c] >= results["a"][10][c] for c in results["a"][10])  # more proposals cover more
     text = out.read_text()
     assert "Recall (%) of the top 100 proposals" in text and "python tools/proposal_recall.py" in text
+    with pytest.raises(RuntimeError, match="do not fit the student"):
+        proposal_recall.main(["--config-file", os.path.join(CONFIGS, "bccd", "teacher_R50_FPN.yaml"),
+                              "--weights", f"a={teacher_r18_weights}", "--max-images", "1"])
     with pytest.raises(SystemExit):
         proposal_recall.main(["--config-file", os.path.join(CONFIGS, "bccd", "student_R18_FPN.yaml"),
                               "--weights", f"a={tmp_path / 'missing.pth'}"])

@@ -31,15 +31,14 @@ def main(argv=None) -> Dict[str, Dict[int, Dict[str, float]]]:
 
     import numpy as np
     import torch
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data import detection_utils as utils
     from detectron2.data.transforms import ResizeShortestEdge
-    from detectron2.modeling import build_model
 
     from d2kd import register_bccd
-    from d2kd.benchmark import load_cfg, markdown_table
+    from d2kd.benchmark import load_cfg, markdown_table, write_text
     from d2kd.benchmark.proposal_recall import covered_per_class
+    from d2kd.modeling.student_weights import load_student
 
     register_bccd()
     cfg = load_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu"])
@@ -55,23 +54,25 @@ def main(argv=None) -> Dict[str, Dict[int, Dict[str, float]]]:
         parser.error(f"dataset '{args.dataset}' is not registered")
     dicts = DatasetCatalog.get(args.dataset)[: args.max_images or None]
     classes = MetadataCatalog.get(args.dataset).thing_classes
+    # Every checkpoint sees the same inputs: each image at the config's test-time size, with its
+    # ground truth in the resized coordinates (transform_instance_annotations edits its input).
     resize = ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    inputs = []
+    for record in dicts:
+        image = utils.read_image(record["file_name"], format=cfg.INPUT.FORMAT)
+        tfm = resize.get_transform(image)
+        tensor = torch.as_tensor(tfm.apply_image(image).transpose(2, 0, 1).copy())
+        gt = [utils.transform_instance_annotations(copy.deepcopy(a), [tfm], tensor.shape[1:]) for a in record["annotations"]]
+        gt_boxes = torch.as_tensor(np.array([a["bbox"] for a in gt], dtype=np.float32)).reshape(-1, 4)
+        inputs.append((tensor, gt_boxes, torch.tensor([a["category_id"] for a in gt], dtype=torch.int64)))
     results, lines = {}, []
     for name, path in named.items():
-        model = build_model(cfg).eval()
-        DetectionCheckpointer(model).load(path)
+        model = load_student(cfg, path)
         totals = {k: {} for k in args.top_k}
         with torch.no_grad():
-            for record in dicts:
-                image = utils.read_image(record["file_name"], format=cfg.INPUT.FORMAT)
-                tfm = resize.get_transform(image)
-                tensor = torch.as_tensor(tfm.apply_image(image).transpose(2, 0, 1).copy())
+            for tensor, gt_boxes, gt_classes in inputs:
                 images = model.preprocess_image([{"image": tensor}])
                 proposals, _ = model.proposal_generator(images, model.backbone(images.tensor), None)
-                gt = [utils.transform_instance_annotations(copy.deepcopy(a), [tfm], tensor.shape[1:])  # it edits in place
-                      for a in record["annotations"]]
-                gt_boxes = torch.as_tensor(np.array([a["bbox"] for a in gt], dtype=np.float32)).reshape(-1, 4)
-                gt_classes = torch.tensor([a["category_id"] for a in gt], dtype=torch.int64)
                 counts = covered_per_class(proposals[0].proposal_boxes.tensor, gt_boxes, gt_classes, args.top_k, args.iou)
                 for k, per_class in counts.items():
                     for cls, (hit, total) in per_class.items():
@@ -87,9 +88,7 @@ def main(argv=None) -> Dict[str, Dict[int, Dict[str, float]]]:
     if args.output:
         from d2kd.benchmark import command_string
 
-        with open(args.output + ".tmp", "w") as f:
-            f.write("\n".join(lines + ["Made by:", "", "    " + command_string("tools/proposal_recall.py", argv), ""]))
-        os.replace(args.output + ".tmp", args.output)
+        write_text(args.output, "\n".join(lines + ["Made by:", "", "    " + command_string("tools/proposal_recall.py", argv), ""]))
     return results
 
 

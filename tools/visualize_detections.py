@@ -25,48 +25,19 @@ import cv2
 import numpy as np
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
-from detectron2.modeling import build_model
 from detectron2.utils.visualizer import Visualizer
 
 from d2kd import get_distill_cfg, register_bccd
 from d2kd.engine.preflight import merge_config
+from d2kd.modeling.student_weights import load_student
 from d2kd.modeling.teacher import build_teacher, build_teacher_cfg
 
 __all__ = ["load_student", "predict", "draw_panel", "visualize", "main"]
 
 TITLE_HEIGHT = 28
-
-
-class _StrictCheckpointer(DetectionCheckpointer):
-    incompatible = None
-
-    def _load_model(self, checkpoint):
-        self.incompatible = super()._load_model(checkpoint)
-        return self.incompatible
-
-
-def load_student(cfg, weights: str):
-    """The student of ``cfg`` with ``weights``; missing or mis-shaped parameters are an error."""
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(
-            f"Student weights not found: {weights}. Pass --student-weights (e.g. OUTPUT_DIR/model_final.pth of a run)."
-        )
-    model = build_model(cfg)
-    checkpointer = _StrictCheckpointer(model)
-    checkpointer.load(weights)
-    bad = checkpointer.incompatible
-    problems = list(bad.missing_keys) + [k for k, _, _ in getattr(bad, "incorrect_shapes", [])]
-    if problems:
-        raise RuntimeError(
-            f"Student weights {weights} do not fit the student of the config: {problems[:8]}"
-            f"{' ...' if len(problems) > 8 else ''}. Pass the config the weights were trained with."
-        )
-    model.eval()
-    return model
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import os
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
-from .common import markdown_table, mean_std
+from .common import fmt_mean_std as _fmt, markdown_table, mean_std
 from .detector_fit import detector_fit_lines
 from .per_class import per_class_lines
 
@@ -135,13 +135,6 @@ def _other_cpu_lines(runs: List[dict]) -> List[str]:
         "run did not repeat across CPU kinds here, so their paired gain also holds machine noise.",
         "",
     ]
-
-
-def _fmt(mean, std=None, signed=False, digits=1):
-    if mean is None:
-        return "–"
-    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
-    return text + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
 def _fmt_paired(row) -> str:

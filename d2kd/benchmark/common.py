@@ -26,6 +26,7 @@ from ..engine.checkpoint import atomic_write_bytes
 
 __all__ = [
     "mean_std",
+    "fmt_mean_std",
     "run_from_repo_root",
     "REPO_ROOT",
     "BCCD_CONFIG_DIR",
@@ -349,6 +350,14 @@ def mean_std(values: Sequence[Optional[float]]):
     if len(values) < 2:
         return mean, None
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def fmt_mean_std(mean: Optional[float], std: Optional[float] = None, signed: bool = False, digits: int = 1) -> str:
+    """``mean ± std`` for a report cell (``+`` sign when ``signed``); a dash without a mean."""
+    if mean is None:
+        return "–"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence], align: Optional[str] = None) -> str:

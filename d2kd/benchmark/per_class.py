@@ -12,7 +12,7 @@ table pairs AP.
 
 from typing import Dict, List, Optional
 
-from .common import markdown_table, mean_std
+from .common import fmt_mean_std, markdown_table, mean_std
 
 __all__ = ["per_class_keys", "per_class_lines"]
 
@@ -43,11 +43,11 @@ def per_class_lines(runs: List[dict], methods: Optional[List[str]] = None) -> Li
     rows = []
     if teacher:
         teacher_means = [mean_std([m.get(k) for m in teacher])[0] for k in keys]
-        rows.append(["**teacher**", len(teacher)] + [_cell(v) for v in teacher_means])
-    rows.append(["**baseline**", len(base)] + [_cell(v) for v in base_means])
+        rows.append(["**teacher**", len(teacher)] + [fmt_mean_std(v) for v in teacher_means])
+    rows.append(["**baseline**", len(base)] + [fmt_mean_std(v) for v in base_means])
     if teacher:
         gaps = [None if t is None or b is None else t - b for t, b in zip(teacher_means, base_means)]
-        rows.append(["gap (teacher − baseline)", "–"] + [_cell(v, signed=True) for v in gaps])
+        rows.append(["gap (teacher − baseline)", "–"] + [fmt_mean_std(v, signed=True) for v in gaps])
     by_method: Dict[str, List[dict]] = {}
     for e in runs:
         if e.get("kind") == "distill" and e.get("metrics") and e["seed"] in base:
@@ -60,7 +60,7 @@ def per_class_lines(runs: List[dict], methods: Optional[List[str]] = None) -> Li
             diffs = [e["metrics"][k] - base[e["seed"]][k] for e in pairs
                      if e["metrics"].get(k) is not None and base[e["seed"]].get(k) is not None]
             mean, std = mean_std(diffs)
-            cells.append(_cell(mean, std, signed=True))
+            cells.append(fmt_mean_std(mean, std, signed=True))
         rows.append([method, len(pairs)] + cells)
     headers = [k[3:] if k.startswith("AP-") else k for k in keys]
     return [
@@ -71,9 +71,3 @@ def per_class_lines(runs: List[dict], methods: Optional[List[str]] = None) -> Li
         markdown_table(["Method", "pairs"] + headers, rows, align="lr" + "r" * len(keys)),
     ]
 
-
-def _cell(value: Optional[float], std: Optional[float] = None, signed: bool = False) -> str:
-    if value is None:
-        return "–"
-    text = f"{value:+.1f}" if signed else f"{value:.1f}"
-    return text + (f" ± {std:.1f}" if std is not None else "")
