@@ -765,7 +765,8 @@ def _flat(cfg, prefix=""):
 
 def test_validation_tuning_configs_change_only_their_setting():
     """configs/bccd/val_tuning: each variant is its preset with one setting changed (cwd and kd
-    are the presets themselves; cwd_kd adds the kd head at kd's preset values), and all belong to the Faster
+    are the presets themselves; cwd_kd adds the kd head at kd's preset values, cwd_rpn the chen2017 head's RPN
+    terms at the chen2017 preset's values), and all belong to the Faster
     R-CNN R50 -> R18 study."""
     expected = {
         "cwd": ("distill_cwd_R50_R18.yaml", {}),
@@ -776,6 +777,14 @@ def test_validation_tuning_configs_change_only_their_setting():
         "cwd_warm100": ("distill_cwd_R50_R18.yaml", {"DISTILL.WARMUP_ITERS": 100}),
         "cwd_t4": ("distill_cwd_R50_R18.yaml", {"DISTILL.CWD.TAU": 4.0}),
         "cwd_kd": ("distill_cwd_R50_R18.yaml", {"DISTILL.HEADS": ["cwd", "kd"]}),
+        "cwd_rpn": (
+            "distill_cwd_R50_R18.yaml",
+            {"DISTILL.HEADS": ["cwd", "chen2017"], "DISTILL.CHEN2017.STAGES": ["rpn"], "DISTILL.CHEN2017.HINT.ENABLED": False},
+        ),
+        "chen2017_rpn": (
+            "distill_chen2017_R50_R18.yaml",
+            {"DISTILL.CHEN2017.STAGES": ["rpn"], "DISTILL.CHEN2017.HINT.ENABLED": False},
+        ),
         "kd_w10": ("distill_kd_R50_R18.yaml", {"DISTILL.KD.WEIGHT": 10.0}),
         "kd_w5": ("distill_kd_R50_R18.yaml", {"DISTILL.KD.WEIGHT": 5.0}),
         "kd_t4": ("distill_kd_R50_R18.yaml", {"DISTILL.KD.TEMPERATURE": 4.0}),
@@ -793,6 +802,11 @@ def test_validation_tuning_configs_change_only_their_setting():
     kd = _flat(load_cfg(os.path.join(REPO, "configs", "bccd", "distill_kd_R50_R18.yaml")))
     cwd_kd = _flat(load_cfg(found["cwd_kd"]))
     assert {k: cwd_kd[k] for k in kd if k.startswith("DISTILL.KD.")} == {k: kd[k] for k in kd if k.startswith("DISTILL.KD.")}
+    chen = _flat(load_cfg(found["chen2017_rpn"]))
+    cwd_rpn = _flat(load_cfg(found["cwd_rpn"]))
+    assert {k: cwd_rpn[k] for k in chen if k.startswith("DISTILL.CHEN2017.")} == {
+        k: chen[k] for k in chen if k.startswith("DISTILL.CHEN2017.")
+    }
 
 
 # ----------------------------------------------------------------------------- quick runs
