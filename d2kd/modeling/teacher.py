@@ -5,7 +5,7 @@ far as the heads need (design lessons 1-3).
 
 import logging
 import os
-from typing import List, Optional, Set
+from typing import Dict, List, Optional, Set
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,15 @@ from torch import nn
 from ..capture import Recorder, Records
 from ..config.setup import load_config_file
 
-__all__ = ["build_teacher_cfg", "build_teacher", "load_teacher_weights", "TeacherRunner", "TeacherWeightsError"]
+__all__ = [
+    "build_teacher_cfg",
+    "build_teacher",
+    "load_teacher_weights",
+    "load_reporting_mismatches",
+    "format_mismatches",
+    "TeacherRunner",
+    "TeacherWeightsError",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +65,24 @@ def load_teacher_weights(teacher: nn.Module, weights: str, strict: bool = True):
             f"Teacher weights file not found: {weights}. Set DISTILL.TEACHER.WEIGHTS to a trained "
             "teacher checkpoint (e.g. output/<teacher>/model_final.pth)."
         )
-    checkpointer = _ReportingCheckpointer(teacher)
+    problems = load_reporting_mismatches(teacher, weights)
+    if problems:
+        message = (
+            f"Teacher weights {weights} do not match the teacher architecture: {format_mismatches(problems)}. Check "
+            "DISTILL.TEACHER.CONFIG_FILE is the config the weights were trained with"
+        )
+        if strict:
+            raise TeacherWeightsError(message + ", or set DISTILL.TEACHER.STRICT_LOAD False to load partially.")
+        logger.warning(message + " (partial loading allowed by DISTILL.TEACHER.STRICT_LOAD False).")
+
+
+def load_reporting_mismatches(model: nn.Module, weights: str) -> Dict[str, List[str]]:
+    """
+    Load ``weights`` into ``model`` with Detectron2's checkpointer (which loads what fits) and
+    return what did not fit: ``{"missing" | "unexpected" | "wrong shape": [keys]}``, only the
+    non-empty kinds. The strict checks of the teacher and of the tools' students build on it.
+    """
+    checkpointer = _ReportingCheckpointer(model)
     checkpointer.load(weights)
     incompatible = checkpointer.incompatible
     problems = {
@@ -65,16 +90,12 @@ def load_teacher_weights(teacher: nn.Module, weights: str, strict: bool = True):
         "unexpected": list(incompatible.unexpected_keys),
         "wrong shape": [k for k, _, _ in getattr(incompatible, "incorrect_shapes", [])],
     }
-    problems = {k: v for k, v in problems.items() if v}
-    if problems:
-        report = "; ".join(f"{k} ({len(v)}): {v[:8]}{' ...' if len(v) > 8 else ''}" for k, v in problems.items())
-        message = (
-            f"Teacher weights {weights} do not match the teacher architecture: {report}. Check "
-            "DISTILL.TEACHER.CONFIG_FILE is the config the weights were trained with"
-        )
-        if strict:
-            raise TeacherWeightsError(message + ", or set DISTILL.TEACHER.STRICT_LOAD False to load partially.")
-        logger.warning(message + " (partial loading allowed by DISTILL.TEACHER.STRICT_LOAD False).")
+    return {k: v for k, v in problems.items() if v}
+
+
+def format_mismatches(problems: Dict[str, List[str]]) -> str:
+    """``kind (count): [first keys]`` per kind, for an error message."""
+    return "; ".join(f"{k} ({len(v)}): {v[:8]}{' ...' if len(v) > 8 else ''}" for k, v in problems.items())
 
 
 class _ReportingCheckpointer(DetectionCheckpointer):
