@@ -766,7 +766,8 @@ def _flat(cfg, prefix=""):
 def test_validation_tuning_configs_change_only_their_setting():
     """configs/bccd/val_tuning: each variant is its preset with one setting changed (cwd and kd
     are the presets themselves; cwd_kd adds the kd head at kd's preset values, cwd_rpn the chen2017 head's RPN
-    terms at the chen2017 preset's values), and all belong to the Faster
+    terms at the chen2017 preset's values; chen2017_no_hint and chen2017_hints split the chen2017
+    preset into its output terms and its hints), and all belong to the Faster
     R-CNN R50 -> R18 study."""
     expected = {
         "cwd": ("distill_cwd_R50_R18.yaml", {}),
@@ -784,6 +785,11 @@ def test_validation_tuning_configs_change_only_their_setting():
         "chen2017_rpn": (
             "distill_chen2017_R50_R18.yaml",
             {"DISTILL.CHEN2017.STAGES": ["rpn"], "DISTILL.CHEN2017.HINT.ENABLED": False},
+        ),
+        "chen2017_no_hint": ("distill_chen2017_R50_R18.yaml", {"DISTILL.CHEN2017.HINT.ENABLED": False}),
+        "chen2017_hints": (
+            "distill_chen2017_R50_R18.yaml",
+            {"DISTILL.CHEN2017.CLS.ENABLED": False, "DISTILL.CHEN2017.REG.ENABLED": False},
         ),
         "kd_w10": ("distill_kd_R50_R18.yaml", {"DISTILL.KD.WEIGHT": 10.0}),
         "kd_w5": ("distill_kd_R50_R18.yaml", {"DISTILL.KD.WEIGHT": 5.0}),
