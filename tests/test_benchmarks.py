@@ -764,7 +764,7 @@ def _flat(cfg, prefix=""):
 
 
 def test_validation_tuning_configs_change_only_their_setting():
-    """configs/bccd/val_tuning: each variant is its preset with one setting changed (cwd and kd
+    """configs/bccd/val_tuning: each variant is its preset with only the named settings changed (cwd and kd
     are the presets themselves; cwd_kd adds the kd head at kd's preset values, cwd_rpn the chen2017 head's RPN
     terms at the chen2017 preset's values; chen2017_no_hint and chen2017_hints split the chen2017
     preset into its output terms and its hints), and all belong to the Faster
