@@ -767,7 +767,8 @@ def test_validation_tuning_configs_change_only_their_setting():
     """configs/bccd/val_tuning: each variant is its preset with only the named settings changed (cwd and kd
     are the presets themselves; cwd_kd adds the kd head at kd's preset values, cwd_rpn the chen2017 head's RPN
     terms at the chen2017 preset's values; chen2017_no_hint and chen2017_hints split the chen2017
-    preset into its output terms and its hints), and all belong to the Faster
+    preset into its output terms and its hints; chen2017_no_hint_mu0 and _nu1 double its soft labels or its
+    bounded regression), and all belong to the Faster
     R-CNN R50 -> R18 study."""
     expected = {
         "cwd": ("distill_cwd_R50_R18.yaml", {}),
@@ -787,6 +788,14 @@ def test_validation_tuning_configs_change_only_their_setting():
             {"DISTILL.CHEN2017.STAGES": ["rpn"], "DISTILL.CHEN2017.HINT.ENABLED": False},
         ),
         "chen2017_no_hint": ("distill_chen2017_R50_R18.yaml", {"DISTILL.CHEN2017.HINT.ENABLED": False}),
+        "chen2017_no_hint_mu0": (
+            "distill_chen2017_R50_R18.yaml",
+            {"DISTILL.CHEN2017.HINT.ENABLED": False, "DISTILL.CHEN2017.CLS.MU": 0.0},
+        ),
+        "chen2017_no_hint_nu1": (
+            "distill_chen2017_R50_R18.yaml",
+            {"DISTILL.CHEN2017.HINT.ENABLED": False, "DISTILL.CHEN2017.REG.NU": 1.0},
+        ),
         "chen2017_hints": (
             "distill_chen2017_R50_R18.yaml",
             {"DISTILL.CHEN2017.CLS.ENABLED": False, "DISTILL.CHEN2017.REG.ENABLED": False},
