@@ -9,7 +9,7 @@ d2kd training script, used like Detectron2's tools/train_net.py.
     python train_net.py --config-file CFG --check      # pre-flight check, one batch
     python train_net.py --config-file CFG --check --check-images 16
 
-A config without DISTILL.HEADS trains a plain detector (teachers and baselines). Without
+A config without DISTILL.HEADS or DISTILL.INHERIT trains a plain detector (teachers and baselines). Without
 GPUs, --num-gpus N runs N CPU processes with the gloo backend.
 
 --check builds both models, runs one batch without updating anything and prints the capture
@@ -31,6 +31,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from d2kd import DistillTrainer, get_distill_cfg, register_bccd
+from d2kd.config import uses_teacher
 from d2kd.engine.checkpoint import atomic_write_bytes
 from d2kd.engine.launch import launch
 from d2kd.engine.preflight import check_output_dir, merge_config, set_aside_previous_logs, validate_datasets
@@ -104,7 +105,7 @@ def main(args):
         model = DistillTrainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = DistillTrainer.test(cfg, model)
-        if cfg.DISTILL.EVAL_TEACHER and cfg.DISTILL.HEADS:
+        if cfg.DISTILL.EVAL_TEACHER and uses_teacher(cfg):
             results.update(DistillTrainer.test_teacher(cfg))
         write_results(cfg, results)
         return results

@@ -93,6 +93,7 @@ def test_study_keeps_only_methods_of_its_student_and_teacher(tmp_path):
         "other_teacher": "DISTILL:\n  TEACHER:\n    CONFIG_FILE: configs/bccd/retinanet_R50_FPN_teacher.yaml\n",
         "deeper_student": "MODEL:\n  RESNETS:\n    DEPTH: 34\n",
         "no_heads": "DISTILL:\n  HEADS: []\n",
+        "inherit_only": "DISTILL:\n  HEADS: []\n  INHERIT:\n    ENABLED: True\n",
     }
     methods = {}
     for name, extra in variants.items():
@@ -102,9 +103,9 @@ def test_study_keeps_only_methods_of_its_student_and_teacher(tmp_path):
     kept, skipped = study_methods(
         methods, os.path.join(REPO, "configs/bccd/student_R18_FPN.yaml"), "./configs/bccd/teacher_R50_FPN.yaml"
     )
-    assert list(kept) == ["same"]
+    assert list(kept) == ["same", "inherit_only"]
     assert "retinanet_R50_FPN_teacher" in skipped["other_teacher"] and "34" in skipped["deeper_student"]
-    assert skipped["no_heads"] == "no DISTILL.HEADS"
+    assert skipped["no_heads"] == "no DISTILL.HEADS, no DISTILL.INHERIT"
 
 
 def test_command_string_carries_the_speed_relevant_environment(monkeypatch):

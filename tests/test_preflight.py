@@ -203,7 +203,11 @@ def test_class_alignment_rules(tmp_path):
     _register_classes("preflight_abc", ["a", "b", "c"])
     _register_classes("preflight_acb", ["a", "c", "b"])
     _register_classes("preflight_ab", ["a", "b"])
-    student = CfgNode({"DATASETS": CfgNode({"TRAIN": ("preflight_abc",)})})
+    def student_cfg(inherit):
+        distill = CfgNode({"INHERIT": CfgNode({"ENABLED": inherit})})
+        return CfgNode({"DATASETS": CfgNode({"TRAIN": ("preflight_abc",)}), "DISTILL": distill})
+
+    student = student_cfg(inherit=False)
 
     def teacher(name):
         return CfgNode({"DATASETS": CfgNode({"TRAIN": (name,)})})
@@ -216,6 +220,11 @@ def test_class_alignment_rules(tmp_path):
     with pytest.raises(DistillConfigError, match="2 teacher classes vs 3 student classes"):
         check_class_alignment(student, teacher("preflight_ab"), {"x": _FakeHead({"backbone"}, flag=True)})
     check_class_alignment(student, teacher("preflight_ab"), {"x": _FakeHead({"roi_box"}, flag=False)})
+    # DISTILL.INHERIT copies the class predictor when the counts agree: same classes, same order.
+    check_class_alignment(student, teacher("preflight_acb"), {})  # no head, no inheriting: nothing to check
+    with pytest.raises(DistillConfigError, match=r"class 1 is 'c'.*DISTILL.INHERIT"):
+        check_class_alignment(student_cfg(inherit=True), teacher("preflight_acb"), {})
+    check_class_alignment(student_cfg(inherit=True), teacher("preflight_ab"), {})  # predictor not copied: logged
 
 
 # ---------------------------------------------------------------------------------------

@@ -530,6 +530,9 @@ def _main(args, argv) -> int:
     with tempfile.TemporaryDirectory(prefix="d2kd_overhead_") as tmpdir:
         for i, method in enumerate(methods):
             start = time.time()
+            if not load_cfg(available[method], opts).DISTILL.HEADS:  # e.g. DISTILL.INHERIT alone
+                print(f"[{i + 1}/{len(methods)}] {method}: skipped (no DISTILL.HEADS: no distillation step)", flush=True)
+                continue
             try:
                 row = measure_method(method, available[method], args, opts, tmpdir, cache, probe, device)
             except Exception as e:  # one broken method must not hide the others' numbers

@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from ..config import uses_teacher
 from ..engine.checkpoint import atomic_write_bytes
 
 __all__ = [
@@ -142,8 +143,8 @@ def study_methods(methods: Dict[str, str], student_config: str, teacher_config: 
     kept, skipped = OrderedDict(), OrderedDict()
     for name, path in methods.items():
         cfg = load_cfg(path)
-        if not cfg.DISTILL.HEADS:
-            skipped[name] = "no DISTILL.HEADS"
+        if not uses_teacher(cfg):
+            skipped[name] = "no DISTILL.HEADS, no DISTILL.INHERIT"
         elif os.path.normpath(cfg.DISTILL.TEACHER.CONFIG_FILE) != os.path.normpath(teacher_config):
             skipped[name] = f"teacher {cfg.DISTILL.TEACHER.CONFIG_FILE}, not {teacher_config}"
         elif _student_signature(cfg) != base:

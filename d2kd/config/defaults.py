@@ -9,7 +9,7 @@ everywhere in Detectron2.
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_distill_config", "register_config_extension"]
+__all__ = ["add_distill_config", "register_config_extension", "uses_teacher"]
 
 # Functions adding the config keys of a user's own modules (a registered backbone, ...).
 _CONFIG_EXTENSIONS = []
@@ -59,6 +59,20 @@ def _add_base_distill_config(cfg: CN):
     _C.DISTILL.STOP_ITER = -1
     # Evaluate the teacher once and report it beside the student ("teacher/" metrics).
     _C.DISTILL.EVAL_TEACHER = False
+
+    # FGD's "inheriting strategy" (methods.md 5, init_student=True): a new run (not a resumed
+    # one) starts the student's neck and heads from the teacher's parameters of the same name
+    # and shape (d2kd.modeling.inherit). Works with or without DISTILL.HEADS.
+    _C.DISTILL.INHERIT = CN()
+    _C.DISTILL.INHERIT.ENABLED = False
+    # state_dict key prefixes to copy: the FPN (which Detectron2 keeps in model.backbone beside
+    # backbone.bottom_up), the RPN, the RoI heads, and RetinaNet's head.
+    _C.DISTILL.INHERIT.PREFIXES = ["backbone.fpn_", "backbone.top_block.", "proposal_generator.", "roi_heads.", "head."]
+
+
+def uses_teacher(cfg: CN) -> bool:
+    """Whether ``cfg`` trains with a teacher: distillation heads, or inheriting its parameters."""
+    return bool(cfg.DISTILL.HEADS) or bool(cfg.DISTILL.INHERIT.ENABLED)
 
 
 def add_distill_config(cfg: CN) -> CN:

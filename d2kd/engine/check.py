@@ -31,6 +31,8 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
+from ..modeling.inherit import InheritError, inherit_teacher_parameters
+
 __all__ = ["CheckReport", "run_check", "describe_shapes"]
 
 logger = logging.getLogger(__name__)
@@ -181,7 +183,14 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
         runner = getattr(model, "teacher_runner", None)
         if runner is not None:
             log(f"    teacher parts run each step: {sorted(runner.parts) or 'none'}")
-    else:
+    if cfg.DISTILL.INHERIT.ENABLED:
+        try:
+            inherited = inherit_teacher_parameters(trainer.student, trainer.teacher, cfg.DISTILL.INHERIT.PREFIXES)
+        except InheritError as e:
+            fail("DISTILL.INHERIT", e)
+            return _finish(report, log)
+        log(f"    DISTILL.INHERIT: {inherited.summary()}")
+    elif not distilling:
         log("    DISTILL.HEADS is empty: a plain detector (no teacher, no distillation terms).")
 
     # 2. One batch.

@@ -199,11 +199,14 @@ def check_class_alignment(cfg: CfgNode, teacher_cfg: Optional[CfgNode], heads: M
     Best effort: when both the student's and the teacher's DATASETS.TRAIN name registered
     datasets with ``thing_classes``, a head comparing class outputs (a head with
     ``needs_aligned_classes = True``, or one running the teacher's box or dense head) requires the same
-    classes in the same order. Raises :class:`DistillConfigError`; only logs for feature heads.
+    classes in the same order, and so does ``DISTILL.INHERIT`` when the class counts agree (it
+    would copy the teacher's class predictor). Raises :class:`DistillConfigError`; only logs
+    otherwise.
     """
     from ..heads.base import DistillConfigError
 
-    if teacher_cfg is None or not heads:
+    inheriting = bool(cfg.DISTILL.INHERIT.ENABLED)
+    if teacher_cfg is None or not (heads or inheriting):
         return
     student_classes = dataset_classes(cfg.DATASETS.TRAIN)
     teacher_classes = dataset_classes(teacher_cfg.DATASETS.TRAIN)
@@ -219,9 +222,11 @@ def check_class_alignment(cfg: CfgNode, teacher_cfg: Optional[CfgNode], heads: M
         f"the student trains on {tuple(cfg.DATASETS.TRAIN)} with classes {student_classes} ({difference})"
     )
     needing = [name for name, head in heads.items() if _needs_aligned_classes(head)]
+    if inheriting and len(student_classes) == len(teacher_classes):
+        needing.append("DISTILL.INHERIT (the teacher's class predictor)")
     if needing:
         raise DistillConfigError(
-            f"{description}. Heads {needing} compare class outputs, which needs the same classes in "
+            f"{description}. {needing} compare or copy class outputs, which needs the same classes in "
             "the same order: use a teacher trained on the student's classes (or register the student's "
             "dataset with the teacher's class order), or use feature heads only."
         )

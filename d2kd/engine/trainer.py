@@ -1,6 +1,6 @@
 """
 ``DistillTrainer``: Detectron2's ``DefaultTrainer`` with a frozen teacher and distillation
-heads. A config without ``DISTILL.HEADS`` trains a plain detector (teachers, baselines).
+heads. A config without ``DISTILL.HEADS`` or ``DISTILL.INHERIT`` trains a plain detector (teachers, baselines).
 """
 
 import copy
@@ -17,7 +17,9 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..config import uses_teacher
 from ..heads import BuildContext, build_distill_heads
+from ..modeling.inherit import inherit_teacher_parameters
 from ..modeling.distiller import DistillationModel
 from ..modeling.schedule import DistillSchedule
 from ..modeling.teacher import build_teacher, build_teacher_cfg
@@ -46,6 +48,9 @@ class DistillTrainer(DefaultTrainer):
       no missing or unexpected keys) and the heads' trainable parts under ``"distiller"``.
     - With ``DISTILL.EVAL_TEACHER`` the teacher is evaluated once and reported beside the
       student as ``teacher/...`` metrics.
+    - With ``DISTILL.INHERIT.ENABLED`` a new run starts the student's neck and heads from the
+      teacher's (FGD's inheriting strategy, :mod:`d2kd.modeling.inherit`); a resumed run keeps
+      its checkpoint's values.
     """
 
     def __init__(self, cfg):
@@ -58,11 +63,12 @@ class DistillTrainer(DefaultTrainer):
         self.teacher = None
         self.heads = torch.nn.ModuleDict()
         model = student
-        if cfg.DISTILL.HEADS:
+        if uses_teacher(cfg):  # distillation heads, or only DISTILL.INHERIT
             self.teacher = self.build_teacher(cfg)
             context = BuildContext(student, self.teacher, cfg, self.teacher.d2kd_cfg)
             self.heads = build_distill_heads(cfg, context).to(student.device)
             check_class_alignment(cfg, getattr(self.teacher, "d2kd_cfg", None), self.heads)
+        if len(self.heads):
             model = DistillationModel(
                 student, self.teacher, self.heads, DistillSchedule.from_config(cfg), cfg.DISTILL.TEACHER.INPUT_SCALE
             )
@@ -93,6 +99,9 @@ class DistillTrainer(DefaultTrainer):
         super().resume_or_load(resume=resume)
         if resume and self.start_iter > 0:
             self._trainer.reset_data_loader(lambda: self.build_train_loader(self.cfg, start_iter=self.start_iter))
+        elif self.cfg.DISTILL.INHERIT.ENABLED:
+            report = inherit_teacher_parameters(self.student, self.teacher, self.cfg.DISTILL.INHERIT.PREFIXES)
+            logger.info(f"DISTILL.INHERIT: {report.summary()}.")
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter: int = 0):

@@ -75,9 +75,10 @@ class FGD(DistillHead):
 
     Defaults: the Faster R-CNN R101->R50 row of the official configs (alpha 5e-5, beta 2.5e-5,
     gamma 5e-5, lambda 5e-7, tau 0.5) on P2..P5. The sums are unnormalised, so these weights
-    presume ~1333x800 inputs, 256 channels and 2 images per GPU (methods.md 0.3 item 4). Not
-    reproduced: the code's "inheriting strategy" (``init_student=True``: the student starts
-    from the teacher's neck and heads).
+    presume ~1333x800 inputs, 256 channels and 2 images per GPU (methods.md 0.3 item 4). The
+    code's "inheriting strategy" (``init_student=True``: the student starts from the teacher's
+    neck and heads) is not part of this head: it is ``DISTILL.INHERIT`` (any head, or none;
+    ``configs/bccd/distill_fgd_inherit_R50_R18.yaml`` is FGD with it).
     """
 
     @classmethod
