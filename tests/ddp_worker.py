@@ -26,7 +26,8 @@ def main(out_dir, teacher_weights):
         "bccd/distill_fitnet_R50_R18.yaml",
         os.path.join(out_dir, "run"),
         teacher_weights,
-        opts=["DISTILL.HEADS", ["fitnet", "kd"], "SEED", 3],
+        # Inheriting too: every rank copies the teacher's neck and heads after DDP wrapped the student.
+        opts=["DISTILL.HEADS", ["fitnet", "kd"], "SEED", 3, "DISTILL.INHERIT.ENABLED", True],
         max_iter=3,
     )
     trainer = DistillTrainer(cfg)
@@ -34,6 +35,8 @@ def main(out_dir, teacher_weights):
     assert trainer.model.module.teacher is trainer.teacher
     assert not any(k.startswith("teacher") for k in trainer.model.module.state_dict())
     trainer.resume_or_load(resume=False)
+    key = "roi_heads.box_predictor.cls_score.weight"
+    assert torch.equal(trainer.student.state_dict()[key], trainer.teacher.state_dict()[key]), "not inherited"
     trainer.train()
     state = {"student": trainer.student.state_dict(), "heads": trainer.heads.state_dict(), "iter": trainer.iter}
     torch.save(state, os.path.join(out_dir, f"rank{comm.get_rank()}.pth"))
