@@ -61,9 +61,8 @@ def test_resumed_run_keeps_its_checkpoint_not_the_teacher(tmp_path, teacher_r50_
 
 
 def test_prefixes_matching_nothing_fail_before_training(tmp_path, teacher_r50_weights):
-    cfg = distill_cfg(
-        INHERIT, tmp_path, teacher_r50_weights, teacher_config=TEACHER, opts=["DISTILL.INHERIT.PREFIXES", ["backbone.fpn_lateral"]]
-    )
+    opts = ["DISTILL.INHERIT.PREFIXES", ["backbone.fpn_lateral"]]
+    cfg = distill_cfg(INHERIT, tmp_path, teacher_r50_weights, teacher_config=TEACHER, opts=opts)
     DistillTrainer(cfg).resume_or_load(resume=False)  # the laterals' GN fit (their convs do not): copied
     cfg.defrost()
     cfg.DISTILL.INHERIT.PREFIXES = ["roi_heads.box_head.fc9", "nope."]
@@ -74,8 +73,12 @@ def test_prefixes_matching_nothing_fail_before_training(tmp_path, teacher_r50_we
 
 
 def test_report_lists_what_was_copied_and_what_was_kept():
-    student = torch.nn.ModuleDict({"head": torch.nn.Linear(3, 2), "extra": torch.nn.Linear(2, 2), "body": torch.nn.Linear(2, 2)})
-    teacher = torch.nn.ModuleDict({"head": torch.nn.Linear(3, 2), "extra": torch.nn.Linear(4, 2), "body": torch.nn.Linear(2, 2)})
+    def model(extra_inputs):
+        return torch.nn.ModuleDict(
+            {"head": torch.nn.Linear(3, 2), "extra": torch.nn.Linear(extra_inputs, 2), "body": torch.nn.Linear(2, 2)}
+        )
+
+    student, teacher = model(2), model(4)
     body = student["body"].weight.detach().clone()
     report = inherit_teacher_parameters(student, teacher, ["head.", "extra.", "missing."])
     assert report.copied == ["head.weight", "head.bias", "extra.bias"]

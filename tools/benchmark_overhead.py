@@ -531,7 +531,7 @@ def _main(args, argv) -> int:
         for i, method in enumerate(methods):
             start = time.time()
             if not load_cfg(available[method], opts).DISTILL.HEADS:  # e.g. DISTILL.INHERIT alone
-                print(f"[{i + 1}/{len(methods)}] {method}: skipped (no DISTILL.HEADS: no distillation step)", flush=True)
+                print(f"[{i + 1}/{len(methods)}] {method}: skipped (no DISTILL.HEADS, no distillation step)")
                 continue
             try:
                 row = measure_method(method, available[method], args, opts, tmpdir, cache, probe, device)
