@@ -31,6 +31,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
+from ..config import uses_teacher
 from ..modeling.inherit import InheritError, inherit_teacher_parameters
 
 __all__ = ["CheckReport", "run_check", "describe_shapes"]
@@ -152,7 +153,8 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
 
     report = CheckReport()
     distilling = bool(cfg.DISTILL.HEADS)
-    evaluate_teacher = distilling and num_images > 0 and len(cfg.DATASETS.TEST) > 0
+    has_teacher = uses_teacher(cfg)  # heads, or DISTILL.INHERIT alone: a random teacher is worth a warning
+    evaluate_teacher = has_teacher and num_images > 0 and len(cfg.DATASETS.TEST) > 0
     printer = _Printer(log, 3 + int(evaluate_teacher))
 
     def fail(what: str, error: BaseException):
@@ -174,7 +176,7 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
     printer.done()
     model = _unwrap(trainer.model)
     heads = getattr(trainer, "heads", {}) or {}
-    if distilling:
+    if has_teacher:
         teacher_cfg = getattr(trainer.teacher, "d2kd_cfg", None)
         log(f"    teacher: {cfg.DISTILL.TEACHER.CONFIG_FILE} with weights {cfg.DISTILL.TEACHER.WEIGHTS}")
         if teacher_cfg is not None:
@@ -190,7 +192,7 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
             fail("DISTILL.INHERIT", e)
             return _finish(report, log)
         log(f"    DISTILL.INHERIT: {inherited.summary()}")
-    elif not distilling:
+    elif not has_teacher:
         log("    DISTILL.HEADS is empty: a plain detector (no teacher, no distillation terms).")
 
     # 2. One batch.
@@ -232,7 +234,7 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
     # 4. The teacher's AP on a few test images.
     if evaluate_teacher:
         _check_teacher_ap(report, trainer, cfg, num_images, printer, log, fail)
-    elif distilling:
+    elif has_teacher:
         log("    teacher AP not measured (DATASETS.TEST empty or --check-images 0).")
     return _finish(report, log)
 

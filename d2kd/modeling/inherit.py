@@ -11,16 +11,12 @@ backbone) keep the student's initialisation. In Detectron2 the FPN lives inside
 (``DISTILL.INHERIT.PREFIXES``) rather than by "everything but the backbone".
 """
 
-import logging
 from dataclasses import dataclass, field
 from typing import List, Sequence
 
-import torch
 from torch import nn
 
 __all__ = ["InheritReport", "InheritError", "inherit_teacher_parameters"]
-
-logger = logging.getLogger(__name__)
 
 
 class InheritError(ValueError):
@@ -69,7 +65,7 @@ def inherit_teacher_parameters(student: nn.Module, teacher: nn.Module, prefixes:
         elif teacher_state[key].shape != value.shape:
             report.wrong_shape.append(key)
         else:
-            updates[key] = teacher_state[key].detach().to(device=value.device, dtype=value.dtype)
+            updates[key] = teacher_state[key]  # load_state_dict copies it in place, on the student's device
             report.copied.append(key)
     if not updates:
         raise InheritError(
@@ -79,6 +75,5 @@ def inherit_teacher_parameters(student: nn.Module, teacher: nn.Module, prefixes:
             "architecture in both (e.g. the same MODEL.FPN.OUT_CHANNELS and ROI box head); fix the prefixes or "
             "set DISTILL.INHERIT.ENABLED False."
         )
-    with torch.no_grad():
-        student.load_state_dict(updates, strict=False)
+    student.load_state_dict(updates, strict=False)
     return report
