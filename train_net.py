@@ -31,10 +31,12 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from d2kd import DistillTrainer, get_distill_cfg, register_bccd
+from d2kd.data import datasets_root
 from d2kd.config import uses_teacher
 from d2kd.engine.checkpoint import atomic_write_bytes
 from d2kd.engine.launch import launch
-from d2kd.engine.preflight import check_output_dir, merge_config, set_aside_previous_logs, validate_datasets
+from d2kd.config import merge_config
+from d2kd.engine.preflight import check_output_dir, set_aside_previous_logs, validate_datasets
 
 logger = logging.getLogger("d2kd")
 
@@ -93,7 +95,7 @@ def run_pre_flight_check(cfg, args):
 
 
 def main(args):
-    register_bccd()
+    register_bccd(datasets_root(default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets")))
     if getattr(args, "check", False) and args.eval_only:
         raise ValueError("--check and --eval-only cannot be combined.")
     cfg = setup(args)

@@ -6,7 +6,9 @@ model saved with Detectron2's checkpointer (the plumbing under test does not dep
 teacher being good).
 """
 
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -14,10 +16,16 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 
+from d2kd.config import merge_config
 from d2kd import get_distill_cfg, register_bccd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
+# The study scripts of benchmarks/ and their `study` package are not part of the installed d2kd:
+# tests/benchmarks imports `study` as the scripts do.
+BENCHMARKS = os.path.join(REPO, "benchmarks")
+if BENCHMARKS not in sys.path:
+    sys.path.insert(0, BENCHMARKS)
 
 register_bccd(os.path.join(REPO, "datasets"))
 # One intra-op thread: the test models are tiny, and several test processes (the DDP test) or
@@ -54,7 +62,7 @@ def shrink_for_tests(cfg, output_dir, max_iter=2):
 def load_test_cfg(config_path, output_dir, opts=(), max_iter=2):
     """A repository config (relative to configs/) shrunk for tests."""
     cfg = get_distill_cfg()
-    cfg.merge_from_file(os.path.join(CONFIGS, config_path))
+    merge_config(cfg, os.path.join(CONFIGS, config_path))
     shrink_for_tests(cfg, output_dir, max_iter)
     cfg.merge_from_list(list(opts))  # after shrinking, so a test's options win
     return cfg
@@ -122,3 +130,31 @@ def fake_fpn_context(student_channels, teacher_channels):
         return m
 
     return BuildContext(model(student_channels), model(teacher_channels), None, None)
+
+
+def _load_benchmark_script(name):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Load a script of ``benchmarks/`` by its name: ``load_script("accuracy")`` is benchmarks/accuracy.py."""
+    return _load_benchmark_script
+
+
+@pytest.fixture
+def results_dir_untouched():
+    """The quick modes must never write into benchmarks/results."""
+    folder = os.path.join(BENCHMARKS, "results")
+
+    def snapshot():
+        return (
+            {n: os.path.getmtime(os.path.join(folder, n)) for n in os.listdir(folder)} if os.path.isdir(folder) else {}
+        )
+
+    before = snapshot()
+    yield
+    assert snapshot() == before, "a quick benchmark wrote into benchmarks/results"

@@ -1,5 +1,5 @@
 """
-Breadth (issue 9): RetinaNet students and teachers, heterogeneous teacher/student pairs
+Breadth: RetinaNet students and teachers, heterogeneous teacher/student pairs
 (detector type, FPN width, input resolution, input format), a swapped student backbone
 (MobileNetV2-FPN), Mask R-CNN students and model-zoo teachers by name.
 """
@@ -18,6 +18,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
+from d2kd.config import merge_config
 from d2kd import DistillTrainer, get_distill_cfg
 from d2kd.capture import Records
 from d2kd.heads import DISTILL_HEAD_REGISTRY, BuildContext, DistillConfigError, build_distill_heads
@@ -131,7 +132,7 @@ def test_retinanet_configs_mirror_the_rcnn_base():
             assert list(cfg.MODEL[key]) == list(rcnn.MODEL[key])
     assert [s[0] for s in student.MODEL.ANCHOR_GENERATOR.SIZES] == [16, 32, 64, 128, 256]
     base = get_distill_cfg()
-    base.merge_from_file(os.path.join(CONFIGS, RETINA_STUDENT))
+    merge_config(base, os.path.join(CONFIGS, RETINA_STUDENT))
     assert base.INPUT.MIN_SIZE_TRAIN == (320,)
     model = build_model(teacher)
     assert type(model).__name__ == "RetinaNet" and model.head_in_features == RETINA_LEVELS

@@ -1,4 +1,4 @@
-"""Hook plumbing on toy models (design lessons 4 and 12)."""
+"""Hook plumbing on toy models."""
 
 import pytest
 import torch

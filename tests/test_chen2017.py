@@ -1,4 +1,4 @@
-"""Chen et al. 2017 (methods.md 1): loss golden values, head wiring, presets (issue 3)."""
+"""Chen et al. 2017 (docs/methods/chen2017.md): loss golden values, head wiring, presets."""
 
 import math
 
@@ -13,7 +13,7 @@ from d2kd import DistillTrainer, get_distill_cfg
 from d2kd.capture import Records
 from d2kd.heads import BuildContext, DistillConfigError
 from d2kd.heads.chen2017 import Chen2017
-from d2kd.losses import (
+from d2kd.heads.chen2017 import (
     background_last_class_weights,
     binary_weighted_soft_cross_entropy,
     teacher_bounded_regression,

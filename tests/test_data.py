@@ -1,4 +1,4 @@
-"""Datasets: BCCD, a user's VOC/COCO data, broken files named, empty datasets, samplers (issue 8)."""
+"""Datasets: BCCD, a user's VOC/COCO data, broken files named, empty datasets, samplers."""
 
 import copy
 import json

@@ -1,4 +1,4 @@
-"""Golden values of the RetinaNet soft-label head ``densekd`` and the sigmoid KD loss (issue 9)."""
+"""Golden values of the RetinaNet soft-label head ``densekd`` and the sigmoid KD loss."""
 
 import math
 

@@ -1,5 +1,5 @@
 """
-FBKD / structured KD (methods.md 2) and CWD (methods.md 5.6): golden values computed
+FBKD / structured KD (docs/methods/fbkd.md) and CWD (docs/methods/cwd.md): golden values computed
 independently in numpy on small hand-made tensors, build-time errors, gradients, and
 2-iteration BCCD runs of the shipped configs.
 """
@@ -14,13 +14,14 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
+from d2kd.config import merge_config
 from d2kd import DistillTrainer, get_distill_cfg
 from d2kd.capture import Records
 from d2kd.heads import DistillConfigError, StepInputs
 from d2kd.heads.cwd import CWD, channel_wise_divergence
 from d2kd.heads.fbkd import FBKD, fbkd_channel_mask, fbkd_spatial_mask
 from d2kd.modeling.attention import channel_attention, spatial_attention
-from d2kd.modeling.non_local import NonLocalBlock
+from d2kd.heads.fbkd.non_local import NonLocalBlock
 
 from conftest import CONFIGS, distill_cfg
 from conftest import fake_fpn_context
@@ -494,11 +495,11 @@ def test_cwd_head_per_level_terms_and_adapter_only_when_widths_differ():
 
 
 def test_coco_configs_load():
-    from d2kd.config.setup import resolve_config_file
+    from d2kd.config.loader import resolve_config_file
 
     for name, head in (("distill_fbkd_R101_R50.yaml", "fbkd"), ("distill_cwd_R101_R50.yaml", "cwd")):
         cfg = get_distill_cfg()
-        cfg.merge_from_file(os.path.join(CONFIGS, "coco", name))
+        merge_config(cfg, os.path.join(CONFIGS, "coco", name))
         assert cfg.DISTILL.HEADS == [head]
         assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.MODEL.FPN.OUT_CHANNELS == 256
         assert cfg.DISTILL.TEACHER.CONFIG_FILE == "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml"

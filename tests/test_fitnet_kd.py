@@ -1,4 +1,4 @@
-"""Golden values of the first two heads: FitNets hints and Hinton KD (methods.md 5.1-5.2)."""
+"""Golden values of the first two heads: FitNets hints and Hinton KD (docs/methods/kd.md)."""
 
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
 """
-Global Knowledge distillation (Tang et al., ECCV 2022; methods.md 3): PGM maths against
+Global Knowledge distillation (Tang et al., ECCV 2022; docs/methods/gkd.md): PGM maths against
 independent numpy solutions, loss values against hand-written formulas, the DDP broadcast on
 two CPU processes, a short BCCD run (prototypes, all terms, resume, empty images), and the
 RetinaNet variant (response term on positive anchors against numpy, a short BCCD run).
@@ -17,11 +17,11 @@ from detectron2.utils.events import EventStorage
 
 from d2kd import DistillTrainer
 from d2kd.engine.launch import launch
-from d2kd.engine.prototype_hook import PrototypeHook, broadcast_tensors, gather_to_main, plan_pgm_instances
+from d2kd.heads.gkd.prototype_hook import PrototypeHook, broadcast_tensors, gather_to_main, plan_pgm_instances
 from d2kd.heads import BuildContext, DistillConfigError
 from d2kd.heads.gkd import GKD, decoupled_feature_loss, global_knowledge_loss, response_loss
 from d2kd.modeling.distiller import DistillationModel
-from d2kd.modeling.prototypes import (
+from d2kd.heads.gkd.prototypes import (
     box_average_pool,
     density_candidates,
     matching_pursuit,
@@ -365,7 +365,7 @@ def gkd_run(tmp_path_factory, teacher_r18_weights):
     out = tmp_path_factory.mktemp("gkd")
     cfg = distill_cfg("bccd/distill_gkd_R50_R18.yaml", out / "run", teacher_r18_weights, opts=PGM_TINY, max_iter=2)
     handler = _ListHandler()
-    pgm_logger = logging.getLogger("d2kd.engine.prototype_hook")
+    pgm_logger = logging.getLogger("d2kd.heads.gkd.prototype_hook")
     pgm_logger.addHandler(handler)
     pgm_logger.setLevel(logging.INFO)
     try:
@@ -609,7 +609,7 @@ def test_head_terms_on_hand_made_records(gkd_run):
 
 
 # --------------------------------------------------------------------------------------------
-# RetinaNet: the response term on positive anchors (issue 9)
+# RetinaNet: the response term on positive anchors
 # --------------------------------------------------------------------------------------------
 def _np_log_softmax(z):
     z = z - z.max(-1, keepdims=True)

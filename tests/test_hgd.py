@@ -1,4 +1,4 @@
-"""HGD-like all-stage distillation (issue 6; methods.md 4): correspondence, losses, re-weightings, a BCCD run."""
+"""HGD-like all-stage distillation (docs/methods/hgd.md): correspondence, losses, re-weightings, a BCCD run."""
 
 import glob
 import math
@@ -11,13 +11,14 @@ from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes, Instances
 from torch import nn
 
+from d2kd.config import merge_config
 from d2kd import get_distill_cfg
 from d2kd.capture import Records
 from d2kd.heads import BuildContext, DistillConfigError, StepInputs
 from d2kd.heads.hgd import HGD
 from d2kd.losses.imitation import weighted_imitation_loss, weighted_imitation_losses
-from d2kd.modeling.spatial_weights import spatial_weight_map
-from d2kd.modeling.stage_weights import StageWeighting
+from d2kd.heads.hgd.spatial_weights import spatial_weight_map
+from d2kd.heads.hgd.stage_weights import StageWeighting
 
 from conftest import CONFIGS, distill_cfg
 
@@ -254,12 +255,12 @@ def test_shipped_configs_build_on_r18_r50_shapes():
     assert len(paths) >= 6
     for path in paths:
         cfg = get_distill_cfg()
-        cfg.merge_from_file(path)
+        merge_config(cfg, path)
         assert cfg.DISTILL.HEADS == ["hgd"], path
         head = HGD(cfg, BuildContext(fake_resnet_fpn(**R18), fake_resnet_fpn(**R50), cfg, None))
         assert head.stages and head.macro.mode == cfg.DISTILL.HGD.MACRO.MODE
     cfg = get_distill_cfg()
-    cfg.merge_from_file(os.path.join(CONFIGS, "coco", "distill_hgd_R101_R50.yaml"))
+    merge_config(cfg, os.path.join(CONFIGS, "coco", "distill_hgd_R101_R50.yaml"))
     assert cfg.DISTILL.TEACHER.CONFIG_FILE == "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml"
     assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.DISTILL.HEADS == ["hgd"]
     coco_r = dict(res_channels=(256, 512, 1024, 2048), fpn_channels=256)

@@ -1,6 +1,6 @@
 """
 Bad input fails before the first iteration with the problem and the fix; the pre-flight
-check (``train_net.py --check``); OUTPUT_DIR protection and --eval-only (issue 8).
+check (``train_net.py --check``); OUTPUT_DIR protection and --eval-only.
 """
 
 import json

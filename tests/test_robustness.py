@@ -1,5 +1,5 @@
 """
-Robustness (issue 8): every head on degenerate ground truth, the non-finite-loss guard,
+Robustness: every head on degenerate ground truth, the non-finite-loss guard,
 atomic checkpoints, a full resume of optimizer/scheduler/iteration/head state, and the
 teacher evaluated beside the student.
 """

@@ -1,15 +1,13 @@
-"""tools/plot_metrics.py, tools/visualize_detections.py and tools/trace_steps.py on tiny inputs."""
+"""tools/plot_metrics.py and tools/visualize_detections.py on tiny inputs."""
 
 import importlib.util
 import json
 import os
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import CONFIGS, REPO, distill_cfg
+from conftest import CONFIGS, REPO
 
 
 def load_tool(name):
@@ -21,8 +19,6 @@ def load_tool(name):
 
 plot_metrics = load_tool("plot_metrics")
 visualize_detections = load_tool("visualize_detections")
-trace_steps = load_tool("trace_steps")
-proposal_recall = load_tool("proposal_recall")
 
 
 def write_metrics(path, distill=True):
@@ -101,95 +97,3 @@ def test_visualize_detections_draws_truth_teacher_and_student(tmp_path, teacher_
     with pytest.raises(FileNotFoundError, match="Student weights not found"):
         visualize_detections.main(["--config-file", config, "--student-weights", str(tmp_path / "none.pth"),
                                    "--image", image_file] + opts)
-
-
-def test_group_statistics_by_hand():
-    model = torch.nn.Module()
-    model.body = torch.nn.Module()
-    model.body.a = torch.nn.Linear(2, 3)
-    model.body.b = torch.nn.Linear(3, 1)
-    model.head = torch.nn.Linear(1, 1)
-    g = torch.Generator().manual_seed(0)
-    for p in model.body.parameters():
-        p.data = torch.randn(p.shape, generator=g)
-        p.grad = torch.randn(p.shape, generator=g)
-    model.head.weight.data.fill_(-7.0)  # no gradient in this group
-    stats = trace_steps.group_statistics(model.named_parameters(), depth=1)
-    body = [p for p in model.body.parameters()]
-    expected_norm = np.sqrt(sum((p.grad.numpy().astype(np.float64) ** 2).sum() for p in body))
-    assert stats["body"]["grad_norm"] == pytest.approx(expected_norm, rel=1e-12)
-    assert stats["body"]["max_abs"] == pytest.approx(max(np.abs(p.data.numpy()).max() for p in body))
-    assert stats["head"] == {"grad_norm": None, "max_abs": 7.0}
-    assert set(trace_steps.group_statistics(model.named_parameters(), depth=2)) == {"body.a", "body.b", "head.weight", "head.bias"}
-
-
-def test_trace_steps_records_each_step_and_stops_at_divergence(tmp_path, teacher_r18_weights, monkeypatch):
-    cfg = distill_cfg("bccd/distill_fitnet_R50_R18.yaml", str(tmp_path / "run"), teacher_r18_weights, max_iter=10)
-    cfg.freeze()
-    out = tmp_path / "trace.jsonl"
-    records = trace_steps.trace(cfg, 2, str(out))
-    assert [r["iteration"] for r in records] == [0, 1]
-    assert [json.loads(line) for line in out.read_text().splitlines()] == records
-    for r in records:
-        assert np.isfinite(r["total_loss"]) and r["loss_kd_fitnet_p2"] > 0 and r["lr"] > 0
-        assert r["groups"]["student.backbone.bottom_up"]["grad_norm"] > 0
-        assert any(g.startswith("heads.fitnet") and s["grad_norm"] for g, s in r["groups"].items())
-    assert not os.path.exists(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))  # no final step or evaluation
-
-    from d2kd import DistillTrainer
-
-    calls = []
-    original = DistillTrainer.run_step
-
-    def diverge_on_second_step(self):
-        calls.append(self.iter)
-        if len(calls) == 2:
-            raise FloatingPointError("Predicted boxes or scores contain Inf/NaN. Training has diverged.")
-        original(self)
-
-    monkeypatch.setattr(DistillTrainer, "run_step", diverge_on_second_step)
-    records = trace_steps.trace(cfg, 5, str(out))
-    assert [r["iteration"] for r in records] == [0, 1] and "Inf/NaN" in records[-1]["diverged"]
-    assert "groups" in records[0] and len(out.read_text().splitlines()) == 2
-
-
-def test_covered_per_class_by_hand():
-    """A ground-truth box is covered at k when one of the first k proposals has IoU >= 0.5 with it."""
-    from d2kd.benchmark.proposal_recall import covered_per_class
-
-    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0], [50.0, 50.0, 54.0, 54.0]])
-    classes = torch.tensor([0, 0, 1])
-    proposals = torch.tensor([
-        [0.0, 0.0, 10.0, 12.0],    # IoU 100/120 = 0.83 with gt 0
-        [40.0, 40.0, 45.0, 45.0],  # overlaps nothing
-        [20.0, 20.0, 30.0, 40.0],  # IoU 100/200 = 0.5 with gt 1: covered (>=)
-        [50.0, 50.0, 58.0, 58.0],  # IoU 16/64 = 0.25 with gt 2: not covered
-    ])
-    assert covered_per_class(proposals, gt, classes, [1, 2, 4]) == {
-        1: {0: [1, 2], 1: [0, 1]}, 2: {0: [1, 2], 1: [0, 1]}, 4: {0: [2, 2], 1: [0, 1]}}
-    assert covered_per_class(proposals, gt, classes, [4], iou_threshold=0.2)[4] == {0: [2, 2], 1: [1, 1]}
-    assert covered_per_class(proposals, gt[:0], classes[:0], [4]) == {4: {}}
-
-
-def test_proposal_recall_tool_gives_one_checkpoint_the_same_recall_twice(tmp_path, teacher_r18_weights):
-    """The same weights under two names give the same table (the ground truth is rescaled once,
-    not once per checkpoint: detectron2's transform_instance_annotations edits its input), and
-    weights that do not fit the config are refused, not measured as a random model."""
-    out = tmp_path / "recall.md"
-    results = proposal_recall.main([
-        "--config-file", os.path.join(CONFIGS, "bccd", "student_R18_FPN.yaml"), "--dataset", "bccd_val",
-        "--top-k", "10", "100", "--output", str(out), "--weights", f"a={teacher_r18_weights}", f"b={teacher_r18_weights}",
-        "--max-images", "2", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192"])
-    assert results["a"] == results["b"]
-    assert set(results["a"]) == {10, 100} and set(results["a"][100]) <= {"RBC", "WBC", "Platelets"}
-    for k in (10, 100):
-        assert all(0.0 <= v <= 100.0 for v in results["a"][k].values())
-    assert all(results["a"][100][c] >= results["a"][10][c] for c in results["a"][10])  # more proposals cover more
-    text = out.read_text()
-    assert "Recall (%) of the top 100 proposals" in text and "python tools/proposal_recall.py" in text
-    with pytest.raises(RuntimeError, match="do not fit the student"):
-        proposal_recall.main(["--config-file", os.path.join(CONFIGS, "bccd", "teacher_R50_FPN.yaml"),
-                              "--weights", f"a={teacher_r18_weights}", "--max-images", "1"])
-    with pytest.raises(SystemExit):
-        proposal_recall.main(["--config-file", os.path.join(CONFIGS, "bccd", "student_R18_FPN.yaml"),
-                              "--weights", f"a={tmp_path / 'missing.pth'}"])

@@ -9,7 +9,7 @@ original images and at a training short side, and the COCO small / medium / larg
 import argparse
 import os
 import sys
-from typing import List
+from typing import Iterable, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,10 +23,10 @@ def main(argv=None) -> List[str]:
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from d2kd import register_bccd
-    from d2kd.benchmark import markdown_table
+    from d2kd.data import datasets_root
     from d2kd.data.box_stats import box_size_stats
 
-    register_bccd()
+    register_bccd(datasets_root(default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets")))
     lines = []
     for name in args.datasets:
         if name not in DatasetCatalog.list():
@@ -44,6 +44,13 @@ def main(argv=None) -> List[str]:
 
 def _side(value) -> str:
     return "–" if value is None else f"{value:.0f}"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    """A GitHub Markdown table, the first column left-aligned and the others right-aligned."""
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|:---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

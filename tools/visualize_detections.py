@@ -31,7 +31,8 @@ from detectron2.data.detection_utils import read_image
 from detectron2.utils.visualizer import Visualizer
 
 from d2kd import get_distill_cfg, register_bccd
-from d2kd.engine.preflight import merge_config
+from d2kd.config import merge_config
+from d2kd.data import datasets_root
 from d2kd.modeling.student_weights import load_student
 from d2kd.modeling.teacher import build_teacher, build_teacher_cfg
 
@@ -138,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
 
-    register_bccd()
+    register_bccd(datasets_root(default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets")))
     cfg = build_cfg(args.config_file, args.opts)
     weights = args.student_weights or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     if args.image:

@@ -1,5 +1,5 @@
 """
-Capture of intermediate outputs by forward hooks (design lessons 4 and 12).
+Capture of intermediate outputs by forward hooks.
 
 A :class:`Recorder` is attached once to one model (teacher or student). It registers a
 forward hook on each named module target and wraps each named method target (e.g.

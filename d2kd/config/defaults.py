@@ -4,14 +4,17 @@ The ``cfg.DISTILL`` node.
 Every registered distillation head adds its own options under ``cfg.DISTILL.<NAME>``
 (``NAME`` is the head's registry name in upper case) through its ``add_config`` class
 method, so unknown keys and wrong types are rejected by the usual yacs merge, as
-everywhere in Detectron2.
+everywhere in Detectron2. Registering a head registers its ``add_config`` here as a config
+extension (``d2kd.heads.base``), and so does importing a backbone d2kd defines: this module
+imports neither the heads nor the backbones.
 """
 
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_distill_config", "register_config_extension", "uses_teacher"]
 
-# Functions adding the config keys of a user's own modules (a registered backbone, ...).
+# Functions adding config keys: the registered heads' options, d2kd's backbones and a user's own
+# modules (a registered backbone, ...), applied in the order they were registered.
 _CONFIG_EXTENSIONS = []
 
 
@@ -60,7 +63,7 @@ def _add_base_distill_config(cfg: CN):
     # Evaluate the teacher once and report it beside the student ("teacher/" metrics).
     _C.DISTILL.EVAL_TEACHER = False
 
-    # FGD's "inheriting strategy" (methods.md 5, init_student=True): a new run (not a resumed
+    # FGD's "inheriting strategy" (docs/methods/inherit.md): a new run (not a resumed
     # one) starts the student's neck and heads from the teacher's parameters of the same name
     # and shape (d2kd.modeling.inherit). Works with or without DISTILL.HEADS.
     _C.DISTILL.INHERIT = CN()
@@ -77,19 +80,12 @@ def uses_teacher(cfg: CN) -> bool:
 
 def add_distill_config(cfg: CN) -> CN:
     """
-    Add the ``DISTILL`` node and every registered head's options to ``cfg`` (in place).
-
-    Heads registered after this call add their options by calling
-    ``HeadClass.add_config(cfg)`` themselves.
+    Add the ``DISTILL`` node, every registered head's options and every registered config
+    extension (d2kd's backbones, your own modules) to ``cfg`` (in place). ``import d2kd``
+    registers the built-in heads and backbones.
     """
-    from d2kd.heads import DISTILL_HEAD_REGISTRY  # imports the built-in heads
-    from d2kd.modeling.backbone import add_mobilenet_config
-
-    add_mobilenet_config(cfg)
-    for add_config in _CONFIG_EXTENSIONS:
-        add_config(cfg)
     if "DISTILL" not in cfg:
         _add_base_distill_config(cfg)
-    for _, head_class in sorted(DISTILL_HEAD_REGISTRY):
-        head_class.add_config(cfg)
+    for add_config in list(_CONFIG_EXTENSIONS):
+        add_config(cfg)
     return cfg

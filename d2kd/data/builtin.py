@@ -1,8 +1,10 @@
 """
 Datasets that ship with d2kd, and registration of a user's COCO-json dataset.
 
-BCCD (blood cells, MIT licence) lives in ``datasets/bccd`` of the repository. The root is
-found from ``$D2KD_DATASETS`` if set, else ``./datasets``, else the repository's copy.
+BCCD (blood cells, MIT licence) lives in ``datasets/bccd`` of the repository. The installed
+package does not know where the repository is: the root is ``$D2KD_DATASETS`` if set, else
+``./datasets``, else the ``default`` a caller gives (``train_net.py`` gives the folder beside
+itself).
 """
 
 import os
@@ -19,14 +21,14 @@ BCCD_CLASSES = ("RBC", "WBC", "Platelets")
 BCCD_SPLITS = {"bccd_train": "train", "bccd_val": "val", "bccd_trainval": "trainval", "bccd_test": "test"}
 
 
-def datasets_root() -> str:
-    """The folder holding ``bccd/``: ``$D2KD_DATASETS``, ``./datasets`` or the repo's copy."""
+def datasets_root(default: Optional[str] = None) -> str:
+    """The folder holding ``bccd/``: ``$D2KD_DATASETS``, else ``./datasets``, else ``default``."""
     env = os.environ.get("D2KD_DATASETS")
     if env:
         return env
-    if os.path.isdir(os.path.join("datasets", "bccd")):
+    if os.path.isdir(os.path.join("datasets", "bccd")) or not default:
         return "datasets"
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "datasets")
+    return default
 
 
 def register_bccd(root: Optional[str] = None):

@@ -1,6 +1,5 @@
 """Checks run before anything is built, so a bad setup fails in seconds with a clear message."""
 
-import difflib
 import glob
 import logging
 import os
@@ -9,6 +8,8 @@ from typing import List, Mapping, Optional, Sequence
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from ..config.loader import ConfigOptionError, merge_config  # noqa: F401  (their old home)
 
 __all__ = [
     "check_output_dir",
@@ -26,10 +27,6 @@ logger = logging.getLogger(__name__)
 
 class OutputDirError(RuntimeError):
     pass
-
-
-class ConfigOptionError(ValueError):
-    """An unknown config key or a value of the wrong type, with the likely intended key."""
 
 
 def check_output_dir(cfg, overwrite: bool = False):
@@ -86,87 +83,6 @@ def validate_datasets(cfg):
 
 
 # ---------------------------------------------------------------------------------------
-# Config keys: unknown keys and wrong types, with the key the user probably meant.
-# ---------------------------------------------------------------------------------------
-
-
-def _flat_keys(cfg: CfgNode, prefix: str = "") -> List[str]:
-    keys = []
-    for k, v in cfg.items():
-        full = f"{prefix}{k}"
-        keys.append(full)
-        if isinstance(v, CfgNode):
-            keys += _flat_keys(v, full + ".")
-    return keys
-
-
-def _unknown_key_message(cfg: CfgNode, key: str, source: str) -> str:
-    keys = _flat_keys(cfg)
-    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
-    parts = key.split(".")
-    siblings = []
-    for depth in range(len(parts) - 1, 0, -1):
-        node = cfg
-        try:
-            for p in parts[:depth]:
-                node = node[p]
-        except KeyError:
-            continue
-        if isinstance(node, CfgNode):
-            siblings = sorted(f"{'.'.join(parts[:depth])}.{k}" for k in node.keys())
-            break
-    message = f"Unknown config key {key} in {source}."
-    if close:
-        message += f" Did you mean {' or '.join(close)}?"
-    if siblings:
-        shown = siblings[:20] + (["..."] if len(siblings) > 20 else [])
-        message += f" Keys at that level: {shown}."
-    if parts[0] == "DISTILL" and len(parts) > 2:
-        message += (
-            " Head options live in DISTILL.<HEAD> and exist only for registered heads: a head of "
-            "your own must be imported (registered) before the config is built."
-        )
-    return message
-
-
-def _translate(cfg: CfgNode, error: Exception, source: str) -> Exception:
-    text = str(error.args[0]) if error.args else str(error)
-    for marker in ("Non-existent config key: ", "Non-existent key: "):
-        if marker in text:
-            key = text.split(marker, 1)[1].strip().strip("'\"")
-            return ConfigOptionError(_unknown_key_message(cfg, key, source))
-    if text.startswith("Type mismatch"):
-        return ConfigOptionError(f"{text} (in {source}). Give the value in the type of the default.")
-    return error
-
-
-def merge_config(cfg: CfgNode, config_file: Optional[str] = None, opts: Sequence = ()) -> CfgNode:
-    """
-    ``cfg.merge_from_file(config_file)`` then ``cfg.merge_from_list(opts)``; an unknown key
-    or a wrong type raises :class:`ConfigOptionError` naming the source and the closest keys.
-    """
-    if config_file:
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"Config file not found: {config_file} (working directory {os.getcwd()}).")
-        try:
-            cfg.merge_from_file(config_file)
-        except (KeyError, AssertionError, ValueError) as e:
-            translated = _translate(cfg, e, f"config file {config_file}")
-            if translated is e:
-                raise
-            raise translated from e
-    if opts:
-        try:
-            cfg.merge_from_list(list(opts))
-        except (KeyError, AssertionError, ValueError) as e:
-            translated = _translate(cfg, e, "the command-line options")
-            if translated is e:
-                raise
-            raise translated from e
-    return cfg
-
-
-# ---------------------------------------------------------------------------------------
 # Teacher and student classes.
 # ---------------------------------------------------------------------------------------
 
@@ -203,7 +119,7 @@ def check_class_alignment(cfg: CfgNode, teacher_cfg: Optional[CfgNode], heads: M
     would copy the teacher's class predictor). Raises :class:`DistillConfigError`; only logs
     otherwise.
     """
-    from ..heads.base import DistillConfigError
+    from ..step import DistillConfigError
 
     inheriting = bool(cfg.DISTILL.INHERIT.ENABLED)
     if teacher_cfg is None or not (heads or inheriting):

@@ -22,14 +22,15 @@ To add a method, subclass :class:`DistillHead`, register it and name it in a con
     # YAML: DISTILL: {HEADS: ["MyHead"], MYHEAD: {WEIGHT: 2.0}}
 """
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Set
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.structures import ImageList, Instances
 from detectron2.utils.registry import Registry
 from torch import nn
+
+from ..config.defaults import register_config_extension
+from ..step import TEACHER_PARTS, BuildContext, DistillConfigError, StepInputs
 
 __all__ = [
     "DISTILL_HEAD_REGISTRY",
@@ -41,45 +42,19 @@ __all__ = [
     "DistillConfigError",
 ]
 
-DISTILL_HEAD_REGISTRY = Registry("DISTILL_HEAD")
+class _HeadRegistry(Registry):
+    """Detectron2's registry; registering a head also registers its config options."""
+
+    def _do_register(self, name, obj):
+        super()._do_register(name, obj)
+        register_config_extension(obj.add_config)
+
+
+DISTILL_HEAD_REGISTRY = _HeadRegistry("DISTILL_HEAD")
 DISTILL_HEAD_REGISTRY.__doc__ = """
 Registry of distillation heads. A registered class is a :class:`DistillHead`; the names in
 ``cfg.DISTILL.HEADS`` select them, and its options live in ``cfg.DISTILL.<NAME.upper()>``.
 """
-
-# What a head may ask the teacher to run (design lesson 3):
-#   "backbone": backbone (+FPN) features only;
-#   "rpn":      the RPN head on the teacher's features (logits and deltas at every anchor);
-#   "roi_box":  the teacher's box pooler/head/predictor on the STUDENT's sampled proposals;
-#   "dense":    a one-stage teacher's dense head (RetinaNet ``head``) on its ``head_in_features``,
-#               and its ``anchor_generator``.
-TEACHER_PARTS = ("backbone", "rpn", "roi_box", "dense")
-
-
-class DistillConfigError(ValueError):
-    """A distillation config that cannot work; raised while building, before training."""
-
-
-@dataclass
-class BuildContext:
-    """What a head may look at while it is built (before the optimizer exists)."""
-
-    student: nn.Module
-    teacher: nn.Module
-    student_cfg: CfgNode
-    teacher_cfg: CfgNode
-
-
-@dataclass
-class StepInputs:
-    """The data of one training step that is not a recorded output."""
-
-    batched_inputs: List[dict]
-    gt_instances: List[Instances]
-    student_images: ImageList
-    teacher_images: Optional[ImageList]
-    iteration: int
-    extra: Dict = field(default_factory=dict)
 
 
 class DistillHead(nn.Module):

@@ -1,4 +1,4 @@
-"""Channel-wise distillation (Shu et al., ICCV 2021; methods.md 5.6)."""
+"""Channel-wise distillation (Shu et al., ICCV 2021; docs/methods/cwd.md)."""
 
 from detectron2.config import CfgNode as CN
 

@@ -1,4 +1,4 @@
-"""DeFeat: decoupled foreground/background distillation (Guo et al., CVPR 2021; methods.md 5.4)."""
+"""DeFeat: decoupled foreground/background distillation (Guo et al., CVPR 2021; docs/methods/defeat.md)."""
 
 import torch
 from detectron2.config import CfgNode as CN
@@ -22,7 +22,7 @@ class DeFeat(RoILogitsMixin, DistillHead):
 
     **Neck** (``NECK_KD``), per FPN level ``l``: ``M_l`` is the binary union of the GT boxes
     the box-to-level rule assigns to ``l`` (five levels P2..P6 in the official code; here the
-    distilled levels, methods.md 0.2), drawn with the official integer windows
+    distilled levels, the FPN level rule, Lin et al. 2017, Eq. 1), drawn with the official integer windows
     ``[floor(x1/s), floor(x2/s))`` (``MASK_CONVENTION "exclusive"``); ``psi`` is a 3x3 conv
     adapter, no activation, weights ~ N(0, 1e-4) (truncation and the conv bias's default init
     of the code not reproduced). With ``M`` repeated over the ``C`` channels::

@@ -1,4 +1,4 @@
-"""Hinton KD on a one-stage detector's sigmoid class logits (methods.md 5.1, "Sigmoid heads")."""
+"""Hinton KD on a one-stage detector's sigmoid class logits (docs/methods/dense_kd.md)."""
 
 import torch
 from detectron2.config import CfgNode as CN
@@ -18,8 +18,8 @@ class DenseKD(DenseOutputsMixin, DistillHead):
     """
     Soft-label distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural
     Network", Sec. 2) of a RetinaNet's dense classification head, anchor by anchor, with the
-    per-class **binary** form that suits sigmoid logits (methods.md 5.1; never a softmax over
-    sigmoid logits, the pitfall of methods.md 3(iii))::
+    per-class **binary** form that suits sigmoid logits (docs/methods/dense_kd.md; never a softmax over
+    sigmoid logits, the pitfall of docs/methods/gkd.md)::
 
         L = WEIGHT * (1/Z) * sum_{n, a, k} T^2 * BCE( sigmoid(z_s/T), sigmoid(z_t/T) ) [* |p - q|^gamma]
 
@@ -32,7 +32,7 @@ class DenseKD(DenseOutputsMixin, DistillHead):
     - ``FORM``: ``"kl"`` subtracts the teacher's binary entropy, so a student equal to the
       teacher costs zero; ``"bce"`` is the literal cross entropy. Same gradient.
     - ``FOCAL_GAMMA`` > 0 multiplies each term by ``|sigmoid(z_s/T) - sigmoid(z_t/T)|^gamma``
-      (the "focal-style weight" of methods.md 5.1, in the form of Quality Focal Loss, Li et al.
+      (the "focal-style weight" of docs/methods/dense_kd.md, in the form of Quality Focal Loss, Li et al.
       2020, Eq. 5). The exact weight is [UNVERIFIED]: a design choice; 0 (default) = off.
 
     Logged per level of the student's ``head_in_features`` (``loss_kd_densekd_p3`` ...);

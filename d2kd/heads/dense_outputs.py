@@ -28,7 +28,7 @@ import torch
 from detectron2.layers import cat
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
-from .base import DistillConfigError
+from ..step import DistillConfigError
 
 __all__ = ["DenseOutputsMixin", "is_dense_detector"]
 

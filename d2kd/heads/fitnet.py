@@ -1,4 +1,4 @@
-"""FitNets hints on FPN levels (Romero et al., ICLR 2015; methods.md 5.2)."""
+"""FitNets hints on FPN levels (Romero et al., ICLR 2015; docs/methods/fitnet.md)."""
 
 from detectron2.config import CfgNode as CN
 
@@ -19,7 +19,7 @@ class FitNet(DistillHead):
 
     One term per level, ``WEIGHT * mean((r(S_l) - T_l)^2)``, logged as
     ``loss_kd_fitnet_<level>``; levels are summed. The original's ½ factor and two-stage
-    hint pre-training are not used (methods.md 5.2: single-stage joint training with a
+    hint pre-training are not used (docs/methods/fitnet.md: single-stage joint training with a
     mean-reduced MSE is the detection practice).
     """
 

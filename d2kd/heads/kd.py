@@ -1,4 +1,4 @@
-"""Hinton knowledge distillation on the RoI head's class scores (methods.md 5.1)."""
+"""Hinton knowledge distillation on the RoI head's class scores (docs/methods/kd.md)."""
 
 import torch
 from detectron2.config import CfgNode as CN

@@ -11,7 +11,7 @@ from typing import List, Tuple
 import torch
 from detectron2.structures import Instances
 
-from .base import DistillConfigError
+from ..step import DistillConfigError
 
 __all__ = ["RoILogitsMixin"]
 

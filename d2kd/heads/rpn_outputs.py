@@ -14,7 +14,7 @@ from typing import List, Tuple
 import torch
 from detectron2.layers import cat
 
-from .base import DistillConfigError
+from ..step import DistillConfigError
 
 __all__ = ["RPNOutputsMixin", "SampledAnchors", "flatten_dense_predictions"]
 

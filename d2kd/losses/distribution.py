@@ -13,7 +13,7 @@ def kd_kl_div(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """
-    Hinton et al. 2015 soft-label loss on softmax logits (methods.md 5.1)::
+    Hinton et al. 2015 soft-label loss on softmax logits (docs/methods/kd.md)::
 
         T^2 * KL( softmax(z_t / T) || softmax(z_s / T) ),   summed over classes, mean over rows
 

@@ -9,7 +9,7 @@ def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """
     Mean squared error over all ``B*C*H*W`` elements: the per-level FitNets hint
     ``||u_T - r(v_S)||^2`` (Romero et al. 2015, Eq. 2; Chen et al. 2017, Eq. 5) with the
-    per-level mean that methods.md 5.2 recommends for FPN maps. The teacher is detached.
+    per-level mean that docs/methods/fitnet.md recommends for FPN maps. The teacher is detached.
     """
     if student.shape != teacher.shape:
         raise ValueError(f"Feature shapes differ: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}.")

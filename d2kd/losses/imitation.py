@@ -1,6 +1,6 @@
 """
 Spatially weighted feature imitation: the masked hint losses of FGFI (Wang et al. 2019,
-Eq. 4), DeFeat and the HGD-like reconstruction (methods.md 4, item 3), in one formula.
+Eq. 4), DeFeat and the HGD-like reconstruction (docs/methods/hgd.md), in one formula.
 """
 
 from typing import List, Sequence
@@ -34,9 +34,9 @@ def weighted_imitation_loss(
     ``L = s * sum_{b,c,h,w} w_{b,h,w} d(S - T)_{b,c,h,w} / (N_c * Z)`` with
 
     - ``d``: ``"l2"`` (``x^2``), ``"l1"`` (``|x|``) or ``"smooth_l1"`` (Huber with ``beta``);
-    - ``s``: 1/2 if ``half`` (the ``1/2`` of methods.md 4 item 3), else 1;
+    - ``s``: 1/2 if ``half`` (the ``1/2`` of docs/methods/hgd.md), else 1;
     - ``N_c``: the channel count for ``channel_reduction="mean"`` (so maps of different
-      widths are comparable), 1 for ``"sum"`` (methods.md 4 item 3 as printed);
+      widths are comparable), 1 for ``"sum"`` (docs/methods/hgd.md as printed);
     - ``Z``: ``sum_{b,h,w} w`` for ``normalizer="weight_sum"`` (a weighted mean over cells,
       pooled over the batch), or the cell count ``B*H*W`` for ``"num_cells"`` (then
       down-weighted cells lower the loss instead of being re-normalised away).

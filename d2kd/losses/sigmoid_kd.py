@@ -16,16 +16,16 @@ def binary_kd_div(
 ) -> torch.Tensor:
     """
     Hinton et al. 2015 soft labels for sigmoid heads (RetinaNet class logits, Detectron2's RPN
-    objectness; methods.md 5.1 "Sigmoid heads"), element by element: every class is its own
+    objectness; docs/methods/dense_kd.md), element by element: every class is its own
     binary problem, so there is **no softmax across classes** (the Global Knowledge code's
-    softmax over RetinaNet's sigmoid logits is the bug methods.md 3(iii) warns about)::
+    softmax over RetinaNet's sigmoid logits is the bug docs/methods/gkd.md warns about)::
 
         q = sigmoid(z_t / T),  p = sigmoid(z_s / T)
         "bce": T^2 * BCE(p, q)  = -T^2 * [ q log p + (1 - q) log(1 - p) ]
         "kl":  T^2 * KL(Bern(q) || Bern(p)) = T^2 * BCE(p, q) - T^2 * H(q)
 
     Both forms have the same gradient in the student; "kl" is zero when the student matches
-    the teacher, "bce" is methods.md's literal formula. The teacher side is detached.
+    the teacher, "bce" is the formula as usually printed (docs/methods/dense_kd.md). The teacher side is detached.
 
     Args:
         student_logits, teacher_logits: logits of the same shape, e.g. ``(N, R, K)``.

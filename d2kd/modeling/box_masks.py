@@ -2,7 +2,7 @@
 Box-level geometry on feature maps, shared by the heads that weight features by objects
 (FGFI, DeFeat, FGD, Global Knowledge, HGD).
 
-- Box-to-level rule (methods.md 0.2): ``lvl = floor(4 + log2(sqrt(area) / 224))`` clamped to
+- Box-to-level rule (the FPN level rule, Lin et al. 2017, Eq. 1): ``lvl = floor(4 + log2(sqrt(area) / 224))`` clamped to
   the available levels, Detectron2's ``assign_boxes_to_levels``; equivalent to mmdet's
   ``map_roi_levels`` (finest_scale 56).
 - Box windows on a stride-``s`` map (``convention``), end-exclusive, clipped to the map, and
@@ -135,7 +135,7 @@ def level_box_masks(
 ) -> Dict[str, torch.Tensor]:
     """
     Per pyramid level, the binary ``(B, H, W)`` union of each image's GT boxes **assigned to
-    that level** (methods.md 0.2), as DeFeat's and the Global Knowledge code's masks.
+    that level** (the FPN level rule, Lin et al. 2017, Eq. 1), as DeFeat's and the Global Knowledge code's masks.
 
     Args:
         gt_boxes: per image, ``(N_i, 4)`` XYXY boxes in input pixels.

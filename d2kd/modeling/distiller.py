@@ -14,7 +14,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..capture import Recorder
-from ..heads.base import StepInputs
+from ..step import StepInputs
 from .schedule import DistillSchedule
 from .teacher import TeacherRunner
 

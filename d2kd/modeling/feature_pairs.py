@@ -2,7 +2,7 @@
 Student/teacher feature correspondence with one adapter per pair: the shared piece of every
 feature-imitation head (FitNets hints, Chen et al. hints, FBKD, FGFI, DeFeat, CWD, FGD, ...).
 
-Design lessons 6 and 7: one head spec expands over all levels, and adapters are sized from
+One head spec expands over all levels, and adapters are sized from
 the shapes the two models report, before the optimizer is created.
 """
 

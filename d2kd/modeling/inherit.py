@@ -1,6 +1,6 @@
 """
 The "inheriting strategy" of FGD (Yang et al., "Focal and Global Knowledge Distillation for
-Detectors", CVPR 2022; ``init_student=True`` in its released code, methods.md section 5): the
+Detectors", CVPR 2022; ``init_student=True`` in its released code, docs/methods/inherit.md): the
 student starts from the teacher's neck and heads, and learns only its backbone from scratch.
 
 The released code copies every teacher parameter outside ``backbone.`` into the student,

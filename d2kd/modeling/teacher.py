@@ -1,6 +1,6 @@
 """
 The teacher: built from its own Detectron2 config, loaded strictly, frozen, and run only as
-far as the heads need (design lessons 1-3).
+far as the heads need.
 """
 
 import logging
@@ -16,7 +16,7 @@ from detectron2.structures import Boxes, ImageList
 from torch import nn
 
 from ..capture import Recorder, Records
-from ..config.setup import load_config_file
+from ..config.loader import load_config
 
 __all__ = [
     "build_teacher_cfg",
@@ -37,8 +37,11 @@ class TeacherWeightsError(RuntimeError):
 
 def build_teacher_cfg(cfg: CfgNode) -> CfgNode:
     """The teacher's own config (path or model-zoo name), on the student's device."""
-    teacher_cfg = load_config_file(
-        cfg.DISTILL.TEACHER.CONFIG_FILE, cfg.DISTILL.TEACHER.OPTS, role="teacher config (DISTILL.TEACHER.CONFIG_FILE)"
+    teacher_cfg = load_config(
+        cfg.DISTILL.TEACHER.CONFIG_FILE,
+        cfg.DISTILL.TEACHER.OPTS,
+        role="teacher config (DISTILL.TEACHER.CONFIG_FILE)",
+        opts_name="DISTILL.TEACHER.OPTS",
     )
     teacher_cfg.defrost()
     teacher_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE

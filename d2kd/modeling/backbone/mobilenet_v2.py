@@ -20,6 +20,8 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from torch import nn
 
+from ...config.defaults import register_config_extension
+
 __all__ = ["MobileNetV2Backbone", "add_mobilenet_config", "build_mobilenetv2_fpn_backbone", "build_mobilenetv2_retinanet_fpn_backbone"]
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,9 @@ def add_mobilenet_config(cfg):
     cfg.MODEL.MOBILENET.NORM = "GN"
     cfg.MODEL.MOBILENET.WEIGHTS = ""
     cfg.MODEL.MOBILENET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+
+
+register_config_extension(add_mobilenet_config)  # every config d2kd builds has MODEL.MOBILENET
 
 
 def _norm_layer(norm: str):

@@ -1,0 +1,248 @@
+"""
+HGD-like all-stage feature imitation, reconstructed from the abstract of Qin et al.,
+"Hands-on Guidance for Distilling Object Detectors" (arXiv 2103.14337, 2021; docs/methods/hgd.md).
+"""
+
+from detectron2.config import CfgNode as CN
+from detectron2.utils.events import get_event_storage
+
+from ...capture.features import feature_shapes
+from ...losses.imitation import IMITATION_DISTANCES, standardize_features, weighted_imitation_loss
+from ...modeling.feature_pairs import FeaturePairing, add_feature_pairing_config
+from .spatial_weights import MICRO_MODES, spatial_weight_map
+from .stage_matching import MATCH_MODES, match_stages
+from .stage_weights import MACRO_MODES, StageWeighting
+from ..base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
+
+__all__ = ["HGD"]
+
+ALL_STAGES = ("res2", "res3", "res4", "res5", "p2", "p3", "p4", "p5", "p6")
+FEATURE_NORMS = ("none", "standardize")
+
+
+@DISTILL_HEAD_REGISTRY.register()
+class HGD(DistillHead):
+    """
+    A **reconstruction** of HGD (Qin et al. 2021). Only the paper's abstract could be read
+    (docs/methods/hgd.md): it distils "all stage features", establishes a "correspondence" between
+    teacher and student stages "for consistency", measures imitation with a "hands-on
+    imitation loss", and re-weights the optimisation from a "micro" and a "macro"
+    perspective. Every formula below is therefore [UNVERIFIED] (docs/methods/hgd.md, "HGD-like"),
+    and each piece is an option so it can be swapped once the paper's form is known
+    (docs/methods/hgd.md explains each choice). Do not report results as a reproduction of the paper.
+
+    1. **All stages** (``IN_FEATURES``): backbone stages ``res2..res5``
+       (``backbone.bottom_up``) and pyramid levels ``p2..p6`` (``backbone``).
+    2. **Correspondence**: each student stage ``k`` is paired with the teacher stage of the
+       same kind and stride (``MATCH``: ``"stride"`` | ``"nearest_stride"`` | ``"name"``), or
+       with ``TEACHER_FEATURES[k]`` when that list is given (explicit pairs). A per-pair
+       adapter ``f_k`` (conv, ``ADAPTER.*``) maps student channels to teacher channels and a
+       bilinear resize matches the teacher's size (:class:`FeaturePairing`). A pairing that
+       cannot be built is a :class:`DistillConfigError` at build time.
+    3. **Imitation loss** per stage (docs/methods/hgd.md, normalised per channel so stages of
+       different width and size are comparable)::
+
+           L_k = sum_{b,c,h,w} w^k_{b,h,w} d(f_k(S_k) - T_k) / (2 * C_k * sum_{b,h,w} w^k_{b,h,w})
+
+       ``LOSS.DISTANCE`` (``d``: l2 | l1 | smooth_l1), ``LOSS.CHANNEL_REDUCTION``
+       (mean: ``/C_k`` | sum), ``LOSS.NORMALIZER`` (weight_sum | num_cells), ``LOSS.HALF``
+       (the 1/2), ``LOSS.FEATURE_NORM`` (none | standardize both maps per channel first);
+       see :func:`weighted_imitation_loss`.
+    4. **Micro re-weighting** ``w^k`` (where to look; ``MICRO.MODE``): ``"gt"`` =
+       ``FG_WEIGHT`` inside the GT boxes' windows on stage ``k`` (box coordinates divided by
+       the teacher's stride in student pixels), ``BG_WEIGHT`` outside; ``"attention"`` = the
+       teacher's spatial attention ``H W softmax(mean_c |T_k| / TEMPERATURE)``;
+       ``"gt+attention"`` = their product; ``"none"`` = 1.
+    5. **Macro re-weighting** (how much each stage counts, across stages and over training;
+       ``MACRO.MODE``): ``L_HGD = WEIGHT * sum_k rho_k L_k`` with ``rho`` from
+       :class:`StageWeighting`: ``"fixed"`` (``MACRO.WEIGHTS``), ``"loss_norm"`` (inverse
+       running loss magnitude, ``rho`` summing to the number of stages or to 1) or
+       ``"learned"`` (uncertainty weighting with bounded log-variances and a regulariser
+       term ``logvar``). Running statistics are head buffers (checkpointed).
+
+    Terms: ``loss_kd_hgd_<stage>`` = ``WEIGHT * rho_k * L_k`` (plus ``loss_kd_hgd_logvar``
+    in ``"learned"`` mode). Each step also logs ``kd_hgd/weight_<stage>`` (``rho_k``) and
+    ``kd_hgd/raw_<stage>`` (``L_k``) to the EventStorage; they are not losses.
+    """
+
+    @classmethod
+    def add_config(cls, cfg):
+        _C = cfg.DISTILL.HGD = CN()
+        _C.WEIGHT = 1.0
+        # IN_FEATURES: student stages; TEACHER_FEATURES: explicit teacher partners (one per
+        # student stage, in order), empty = matched automatically by MATCH; ADAPTER.*.
+        add_feature_pairing_config(_C, in_features=ALL_STAGES, kernel_size=1, init_std=0.0)
+        _C.MATCH = "stride"  # stride | nearest_stride | name
+        _C.LOSS = CN()
+        _C.LOSS.DISTANCE = "l2"  # l2 | l1 | smooth_l1
+        _C.LOSS.SMOOTH_L1_BETA = 1.0
+        _C.LOSS.CHANNEL_REDUCTION = "mean"  # mean | sum
+        _C.LOSS.NORMALIZER = "weight_sum"  # weight_sum | num_cells
+        _C.LOSS.HALF = True
+        _C.LOSS.FEATURE_NORM = "none"  # none | standardize
+        _C.MICRO = CN()
+        _C.MICRO.MODE = "gt+attention"  # none | gt | attention | gt+attention
+        _C.MICRO.FG_WEIGHT = 1.0
+        _C.MICRO.BG_WEIGHT = 0.5
+        _C.MICRO.TEMPERATURE = 0.5
+        _C.MACRO = CN()
+        _C.MACRO.MODE = "loss_norm"  # fixed | loss_norm | learned
+        # Base/fixed weight per stage, in IN_FEATURES order; empty = 1 for every stage.
+        _C.MACRO.WEIGHTS = []
+        _C.MACRO.MOMENTUM = 0.9  # EMA of the per-stage losses
+        _C.MACRO.NORMALIZE_TO = "num_stages"  # num_stages | one   (loss_norm)
+        _C.MACRO.LOG_VAR_LIMIT = 4.0  # |s_k| bound (learned)
+
+    def __init__(self, cfg, context):
+        super().__init__(cfg, context)
+        opts = self.options(cfg)
+        _validate_options(opts)
+        self.weight = opts.WEIGHT
+        self.loss_opts = opts.LOSS
+        self.micro = opts.MICRO
+        stages = list(opts.IN_FEATURES)
+        if not stages:
+            raise DistillConfigError("DISTILL.HGD.IN_FEATURES is empty: list the student stages to distil.")
+        if len(set(stages)) != len(stages):
+            raise DistillConfigError(f"DISTILL.HGD.IN_FEATURES lists a stage twice: {stages}.")
+        scale = cfg.DISTILL.TEACHER.INPUT_SCALE
+        try:
+            if opts.TEACHER_FEATURES:
+                if len(opts.TEACHER_FEATURES) != len(stages):
+                    raise ValueError(
+                        f"DISTILL.HGD.TEACHER_FEATURES {list(opts.TEACHER_FEATURES)} must give one teacher stage "
+                        f"per student stage in IN_FEATURES {stages} (or be empty to match by MATCH)."
+                    )
+                teacher_stages = list(opts.TEACHER_FEATURES)
+            else:
+                teacher_stages = match_stages(context.student, context.teacher, stages, opts.MATCH, scale)
+            self.pairing = FeaturePairing(
+                context.student,
+                context.teacher,
+                stages,
+                teacher_stages,
+                teacher_input_scale=scale,
+                adapter_kernel=opts.ADAPTER.KERNEL_SIZE,
+                adapter_enabled=opts.ADAPTER.ENABLED,
+                adapter_init_std=opts.ADAPTER.INIT_STD or None,
+                adapter_relu=opts.ADAPTER.RELU,
+            )
+        except (ValueError, KeyError) as e:
+            message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            raise DistillConfigError(
+                f"HGD stage correspondence cannot be built: {message} "
+                "(options: DISTILL.HGD.IN_FEATURES, DISTILL.HGD.TEACHER_FEATURES, DISTILL.HGD.MATCH, "
+                "DISTILL.HGD.ADAPTER.ENABLED)."
+            ) from e
+        self.stages = stages
+        self.teacher_stages = dict(zip(stages, teacher_stages))
+        t_shapes = feature_shapes(context.teacher, teacher_stages, "teacher")
+        # Teacher strides in student input pixels: where the GT boxes fall on each map.
+        self.teacher_strides = {s: t_shapes[t].stride / scale for s, t in self.teacher_stages.items()}
+        try:
+            self.macro = StageWeighting(
+                stages,
+                opts.MACRO.MODE,
+                opts.MACRO.WEIGHTS,
+                opts.MACRO.MOMENTUM,
+                opts.MACRO.NORMALIZE_TO,
+                opts.MACRO.LOG_VAR_LIMIT,
+            )
+        except ValueError as e:
+            raise DistillConfigError(f"DISTILL.HGD.MACRO: {e}") from e
+        self.student_modules = list(self.pairing.student_modules)
+        self.teacher_modules = list(self.pairing.teacher_modules)
+        self.teacher_parts = {"backbone"}
+
+    def stage_losses(self, student, teacher, step):
+        """The unweighted ``L_k`` of every stage (items 2-4 of the class docstring)."""
+        gt_cache = {}
+        losses = {}
+        lo = self.loss_opts
+        for stage, adapted, target, _ in self.pairing.pairs(student, teacher):
+            weight = spatial_weight_map(
+                self.micro.MODE,
+                target,
+                step.gt_instances,
+                self.teacher_strides[stage],
+                fg_weight=self.micro.FG_WEIGHT,
+                bg_weight=self.micro.BG_WEIGHT,
+                temperature=self.micro.TEMPERATURE,
+                gt_cache=gt_cache,
+            )
+            if lo.FEATURE_NORM == "standardize":
+                adapted, target = standardize_features(adapted), standardize_features(target.detach())
+            losses[stage] = weighted_imitation_loss(
+                adapted,
+                target,
+                weight,
+                distance=lo.DISTANCE,
+                channel_reduction=lo.CHANNEL_REDUCTION,
+                normalizer=lo.NORMALIZER,
+                half=lo.HALF,
+                beta=lo.SMOOTH_L1_BETA,
+            )
+        return losses
+
+    def forward(self, student, teacher, step):
+        raw = self.stage_losses(student, teacher, step)
+        weighted, weights, regulariser = self.macro(raw)
+        _log_stage_scalars(self.name, self.stages, raw, weights)
+        terms = {stage: self.weight * weighted[stage] for stage in self.stages}
+        if regulariser is not None:
+            # trains only the learned weights; the "_logvar" suffix keeps it out of the imitation
+            # total in benchmarks/study/loss_balance.py (REGULARIZER_SUFFIXES)
+            terms["logvar"] = self.weight * regulariser
+        return terms
+
+
+def _log_stage_scalars(name, stages, raw, weights):
+    try:
+        storage = get_event_storage()
+    except AssertionError:  # outside a trainer (tests, pre-flight check)
+        return
+    weights = weights.detach().cpu().tolist()
+    for i, stage in enumerate(stages):
+        storage.put_scalar(f"kd_{name}/weight_{stage}", weights[i])
+        storage.put_scalar(f"kd_{name}/raw_{stage}", float(raw[stage].detach()))
+
+
+def _validate_options(opts):
+    """Every HGD option checked at build time, each error naming the option and its choices."""
+    checks = [
+        (opts.MATCH in MATCH_MODES, f"DISTILL.HGD.MATCH must be one of {MATCH_MODES}, got {opts.MATCH!r}."),
+        (
+            opts.LOSS.DISTANCE in IMITATION_DISTANCES,
+            f"DISTILL.HGD.LOSS.DISTANCE must be one of {IMITATION_DISTANCES}, got {opts.LOSS.DISTANCE!r}.",
+        ),
+        (opts.LOSS.SMOOTH_L1_BETA > 0, f"DISTILL.HGD.LOSS.SMOOTH_L1_BETA must be > 0, got {opts.LOSS.SMOOTH_L1_BETA}."),
+        (
+            opts.LOSS.CHANNEL_REDUCTION in ("mean", "sum"),
+            f"DISTILL.HGD.LOSS.CHANNEL_REDUCTION must be 'mean' or 'sum', got {opts.LOSS.CHANNEL_REDUCTION!r}.",
+        ),
+        (
+            opts.LOSS.NORMALIZER in ("weight_sum", "num_cells"),
+            f"DISTILL.HGD.LOSS.NORMALIZER must be 'weight_sum' or 'num_cells', got {opts.LOSS.NORMALIZER!r}.",
+        ),
+        (
+            opts.LOSS.FEATURE_NORM in FEATURE_NORMS,
+            f"DISTILL.HGD.LOSS.FEATURE_NORM must be one of {FEATURE_NORMS}, got {opts.LOSS.FEATURE_NORM!r}.",
+        ),
+        (
+            opts.MICRO.MODE in MICRO_MODES,
+            f"DISTILL.HGD.MICRO.MODE must be one of {MICRO_MODES}, got {opts.MICRO.MODE!r}.",
+        ),
+        (
+            opts.MICRO.FG_WEIGHT >= 0 and opts.MICRO.BG_WEIGHT >= 0 and opts.MICRO.FG_WEIGHT + opts.MICRO.BG_WEIGHT > 0,
+            f"DISTILL.HGD.MICRO.FG_WEIGHT ({opts.MICRO.FG_WEIGHT}) and BG_WEIGHT ({opts.MICRO.BG_WEIGHT}) must be "
+            ">= 0 and not both 0.",
+        ),
+        (opts.MICRO.TEMPERATURE > 0, f"DISTILL.HGD.MICRO.TEMPERATURE must be > 0, got {opts.MICRO.TEMPERATURE}."),
+        (
+            opts.MACRO.MODE in MACRO_MODES,
+            f"DISTILL.HGD.MACRO.MODE must be one of {MACRO_MODES}, got {opts.MACRO.MODE!r}.",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DistillConfigError(message)

@@ -1,0 +1,198 @@
+"""
+The package's layout: no import cycle between d2kd's subpackages (module-level or inside
+functions), the layering the design asks for, old import paths that name their new home,
+and nothing in the installed package that knows where the repository is.
+"""
+
+import ast
+import importlib
+import os
+import warnings
+
+import pytest
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "d2kd")
+
+
+def _modules():
+    for folder, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                relative = os.path.relpath(path, os.path.dirname(PACKAGE))[:-3].replace(os.sep, ".")
+                yield path, relative[: -len(".__init__")] if relative.endswith(".__init__") else relative
+
+
+def _imported_d2kd_modules(path, module):
+    """Every d2kd module ``path`` imports, anywhere in the file (functions included)."""
+    is_package = path.endswith("__init__.py")
+    package = module if is_package else module.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if alias.name.startswith("d2kd")]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("d2kd"):
+                found.append(target)
+    return found
+
+
+def _subpackage(module):
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def subpackage_edges():
+    edges = {}
+    for path, module in _modules():
+        source = _subpackage(module)
+        if source is None:
+            continue  # d2kd/__init__.py assembles the public API from every subpackage
+        for target in map(_subpackage, _imported_d2kd_modules(path, module)):
+            if target and target != source:
+                edges.setdefault((source, target), []).append(module)
+    return edges
+
+
+def _find_cycle(edges):
+    graph = {}
+    for source, target in edges:
+        graph.setdefault(source, set()).add(target)
+    state = {}
+
+    def visit(node, trail):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return trail + [node, nxt]
+            if nxt not in state:
+                cycle = visit(nxt, trail + [node])
+                if cycle:
+                    return cycle
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node, [])
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_scan_sees_known_edges():
+    """The scanner is not blind: edges that must exist (heads use modeling; the trainer builds heads)."""
+    edges = subpackage_edges()
+    assert ("heads", "modeling") in edges and ("engine", "heads") in edges and ("modeling", "config") in edges
+    assert _find_cycle({("a", "b"): [], ("b", "c"): [], ("c", "a"): []}) == ["a", "b", "c", "a"]
+
+
+def test_no_import_cycle_between_subpackages():
+    edges = subpackage_edges()
+    cycle = _find_cycle(edges)
+    assert cycle is None, "import cycle " + " -> ".join(cycle) + ": " + str(
+        {pair: edges[pair] for pair in zip(cycle, cycle[1:])}
+    )
+
+
+@pytest.mark.parametrize(
+    "source,forbidden",
+    [
+        ("heads", "engine"),  # heads never import the engine
+        ("config", "heads"),  # config never imports heads ...
+        ("config", "modeling"),  # ... or backbones
+        ("modeling", "heads"),  # the step's types live in d2kd.step
+        ("losses", "heads"),
+        ("step", "heads"),
+    ],
+)
+def test_layering(source, forbidden):
+    assert (source, forbidden) not in subpackage_edges(), subpackage_edges().get((source, forbidden))
+
+
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        ("d2kd.modeling.prototypes", "d2kd.heads.gkd.prototypes"),
+        ("d2kd.modeling.gc_block", "d2kd.heads.fgd.gc_block"),
+        ("d2kd.modeling.non_local", "d2kd.heads.fbkd.non_local"),
+        ("d2kd.modeling.imitation_mask", "d2kd.heads.fgfi.imitation_mask"),
+        ("d2kd.modeling.spatial_weights", "d2kd.heads.hgd.spatial_weights"),
+        ("d2kd.modeling.stage_matching", "d2kd.heads.hgd.stage_matching"),
+        ("d2kd.modeling.stage_weights", "d2kd.heads.hgd.stage_weights"),
+        ("d2kd.losses.weighted_soft_ce", "d2kd.heads.chen2017.weighted_soft_ce"),
+        ("d2kd.losses.bounded_regression", "d2kd.heads.chen2017.bounded_regression"),
+        ("d2kd.losses.focal_global", "d2kd.heads.fgd.focal_global"),
+    ],
+)
+def test_moved_module_names_its_new_home(old, new):
+    importlib.import_module(new)
+    with pytest.raises(ImportError, match=new.replace(".", r"\.")):
+        importlib.import_module(old)
+
+
+def test_old_prototype_hook_path_still_works_with_a_warning():
+    import sys
+
+    sys.modules.pop("d2kd.engine.prototype_hook", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from d2kd.engine.prototype_hook import PrototypeHook
+    from d2kd.heads.gkd.prototype_hook import PrototypeHook as moved
+
+    assert PrototypeHook is moved
+    assert any("d2kd.heads.gkd.prototype_hook" in str(w.message) for w in caught)
+
+
+def test_method_entry_points_keep_their_names():
+    """``from d2kd.heads.<method> import <Head>`` works for single-file methods and packages alike."""
+    from d2kd.heads import DISTILL_HEAD_REGISTRY
+    from d2kd.heads.chen2017 import Chen2017
+    from d2kd.heads.fbkd import FBKD
+    from d2kd.heads.fgd import FGD
+    from d2kd.heads.fgfi import FGFI
+    from d2kd.heads.gkd import GKD
+    from d2kd.heads.hgd import HGD
+
+    for head in (Chen2017, FBKD, FGD, FGFI, GKD, HGD):
+        assert DISTILL_HEAD_REGISTRY.get(head.__name__) is head
+
+
+def test_the_package_does_not_know_the_repository():
+    """No path climbs out of the package to the checkout, and no repository folder is hard-wired."""
+    offenders = []
+    for path, module in _modules():
+        text = open(path).read()
+        code = ast.unparse(ast.parse(text))  # drops comments; docstrings may mention configs
+        for marker in ("dirname(os.path.dirname(os.path.dirname", "REPO_ROOT", "'configs/", "'benchmarks/"):
+            if marker in code:
+                offenders.append((module, marker))
+    assert not offenders, offenders
+
+
+def test_config_options_of_heads_come_from_registration():
+    """Registering a head adds its options to every config built afterwards, without config importing heads."""
+    from detectron2.config import CfgNode as CN
+
+    from d2kd.config import get_distill_cfg
+    from d2kd.heads import DISTILL_HEAD_REGISTRY, DistillHead
+
+    class LayoutProbeHead(DistillHead):
+        @classmethod
+        def add_config(cls, cfg):
+            cfg.DISTILL.LAYOUTPROBEHEAD = CN({"WEIGHT": 3.0})
+
+    assert "LAYOUTPROBEHEAD" not in get_distill_cfg().DISTILL
+    DISTILL_HEAD_REGISTRY.register(LayoutProbeHead)
+    try:
+        assert get_distill_cfg().DISTILL.LAYOUTPROBEHEAD.WEIGHT == 3.0
+    finally:
+        DISTILL_HEAD_REGISTRY._obj_map.pop("LayoutProbeHead")
+        from d2kd.config import defaults
+
+        defaults._CONFIG_EXTENSIONS.remove(LayoutProbeHead.add_config)
