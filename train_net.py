@@ -5,9 +5,14 @@ d2kd training script, used like Detectron2's tools/train_net.py.
     python train_net.py --config-file configs/bccd/distill_fitnet_R50_R18.yaml
     python train_net.py --config-file CFG --num-gpus 8
     python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/.../model_final.pth
+    python train_net.py --config-file CFG --eval-only --resume   # OUTPUT_DIR's last checkpoint
     python train_net.py --config-file CFG --resume
     python train_net.py --config-file CFG --check      # pre-flight check, one batch
     python train_net.py --config-file CFG --check --check-images 16
+
+--eval-only loads the student strictly: no MODEL.WEIGHTS, or weights that do not fit the config's
+student (missing, unexpected or mis-shaped keys), are an error; --allow-partial-weights evaluates
+whatever loads instead.
 
 A config without DISTILL.HEADS or DISTILL.INHERIT trains a plain detector (teachers and baselines). Without
 GPUs, --num-gpus N runs N CPU processes with the gloo backend.
@@ -31,12 +36,13 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from d2kd import DistillTrainer, get_distill_cfg, register_bccd
-from d2kd.data import datasets_root
+from d2kd.data import datasets_root, register_config_datasets
 from d2kd.config import uses_teacher
 from d2kd.engine.checkpoint import atomic_write_bytes
 from d2kd.engine.launch import launch
 from d2kd.config import merge_config
-from d2kd.engine.preflight import check_output_dir, set_aside_previous_logs, validate_datasets
+from d2kd.engine.preflight import check_output_dir, set_aside_previous_run, validate_datasets
+from d2kd.modeling.student_weights import load_student
 
 logger = logging.getLogger("d2kd")
 
@@ -45,7 +51,8 @@ def setup(args):
     """
     The config of ``args`` (unknown keys and wrong types fail naming the closest key). A new
     training run refuses an OUTPUT_DIR holding another run before anything is written there;
-    ``--check`` runs in a temporary folder.
+    with ``--overwrite`` the other run's files (logs, config.yaml, checkpoints, results) move
+    to OUTPUT_DIR/previous_runs/<time>/. ``--check`` runs in a temporary folder.
     """
     cfg = get_distill_cfg()
     merge_config(cfg, args.config_file, args.opts)
@@ -53,8 +60,8 @@ def setup(args):
         cfg.OUTPUT_DIR = tempfile.mkdtemp(prefix="d2kd_check_")
     elif not args.resume and not args.eval_only:
         check_output_dir(cfg, overwrite=getattr(args, "overwrite", False))
-        if comm.is_main_process():  # before default_setup opens log.txt
-            set_aside_previous_logs(cfg.OUTPUT_DIR)
+        if comm.is_main_process():  # before default_setup opens log.txt and writes config.yaml
+            set_aside_previous_run(cfg.OUTPUT_DIR)
         comm.synchronize()
     cfg.freeze()
     default_setup(cfg, args)
@@ -81,6 +88,25 @@ def _to_builtin(obj):
     return float(obj) if hasattr(obj, "__float__") and not isinstance(obj, (int, bool)) else obj
 
 
+def load_eval_model(cfg, args):
+    """
+    The student ``--eval-only`` evaluates: MODEL.WEIGHTS (with ``--resume``, OUTPUT_DIR's last
+    checkpoint if there is one), loaded as strictly as the teacher: no weights, or missing,
+    unexpected or mis-shaped keys are an error naming them. ``--allow-partial-weights`` loads
+    what fits (Detectron2's behaviour, even a random model) with a warning.
+    """
+    checkpointer = DetectionCheckpointer(None, save_dir=cfg.OUTPUT_DIR)
+    weights = checkpointer.get_checkpoint_file() if args.resume and checkpointer.has_checkpoint() else cfg.MODEL.WEIGHTS
+    if not getattr(args, "allow_partial_weights", False):
+        return load_student(
+            cfg, weights, allow_unexpected=False, opt_out="--allow-partial-weights evaluates whatever loads"
+        )
+    logger.warning(f"--allow-partial-weights: evaluating {weights or 'a randomly initialised student'} as loaded.")
+    model = DistillTrainer.build_model(cfg)
+    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(weights)
+    return model
+
+
 def run_pre_flight_check(cfg, args):
     """``--check``: exit status 1 if the check finds an error."""
     from d2kd.engine.check import run_check
@@ -99,13 +125,13 @@ def main(args):
     if getattr(args, "check", False) and args.eval_only:
         raise ValueError("--check and --eval-only cannot be combined.")
     cfg = setup(args)
+    register_config_datasets(cfg)  # DATASETS.DEFINE, in every process of a multi-process run
     if getattr(args, "check", False):
         return run_pre_flight_check(cfg, args)  # validates the datasets itself
     validate_datasets(cfg)
 
     if args.eval_only:
-        model = DistillTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        model = load_eval_model(cfg, args)
         results = DistillTrainer.test(cfg, model)
         if cfg.DISTILL.EVAL_TEACHER and uses_teacher(cfg):
             results.update(DistillTrainer.test_teacher(cfg))
@@ -125,6 +151,12 @@ def build_parser():
         "--overwrite",
         action="store_true",
         help="allow training into an OUTPUT_DIR that already holds checkpoints of another run",
+    )
+    parser.add_argument(
+        "--allow-partial-weights",
+        action="store_true",
+        help="with --eval-only, evaluate whatever MODEL.WEIGHTS loads (missing, unexpected or mis-shaped keys "
+        "only logged; no weights: a random model) instead of refusing",
     )
     parser.add_argument(
         "--check",

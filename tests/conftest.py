@@ -1,5 +1,7 @@
 """
-Shared fixtures: tiny CPU configs on the embedded BCCD data and teacher checkpoints.
+Shared fixtures and helpers of the tests: tiny CPU configs on the embedded BCCD data and teacher
+checkpoints, short training runs, train_net's command line, toy VOC datasets, and the shape-only
+models, hand-made records and numpy references of the heads' unit tests.
 
 Tests train for 2-4 iterations on small inputs; a "teacher checkpoint" is a freshly built
 model saved with Detectron2's checkpointer (the plumbing under test does not depend on the
@@ -7,20 +9,34 @@ teacher being good).
 """
 
 import importlib.util
+import math
 import os
 import sys
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import EventStorage
+from torch import nn
 
 from d2kd.config import merge_config
-from d2kd import get_distill_cfg, register_bccd
+from d2kd import DistillTrainer, get_distill_cfg, register_bccd
+from d2kd.capture import Records
+from d2kd.heads import BuildContext, StepInputs, build_distill_heads
+from d2kd.modeling.distiller import DistillationModel
+from d2kd.modeling.schedule import DistillSchedule
+from d2kd.modeling.teacher import build_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
+FITNET = "bccd/distill_fitnet_R50_R18.yaml"
+sys.path.insert(0, REPO)  # train_net.py, the command-line entry point, is at the repository root
+import train_net  # noqa: E402
 # The study scripts of benchmarks/ and their `study` package are not part of the installed d2kd:
 # tests/benchmarks imports `study` as the scripts do.
 BENCHMARKS = os.path.join(REPO, "benchmarks")
@@ -158,3 +174,299 @@ def results_dir_untouched():
     before = snapshot()
     yield
     assert snapshot() == before, "a quick benchmark wrote into benchmarks/results"
+
+
+# ---------------------------------------------------------------------------------------
+# Short training runs and single steps of real (tiny) detectors
+# ---------------------------------------------------------------------------------------
+
+
+RETINA_STUDENT = "bccd/retinanet_R18_FPN_student.yaml"
+RETINA_LEVELS = ["p3", "p4", "p5", "p6", "p7"]
+IMAGENET_RGB = ["MODEL.PIXEL_MEAN", [123.675, 116.28, 103.53], "MODEL.PIXEL_STD", [58.395, 57.12, 57.375], "INPUT.FORMAT", "RGB"]
+
+
+@pytest.fixture(scope="module")
+def retina_r18_weights(tmp_path_factory):
+    """Weights of the RetinaNet R18-FPN BCCD model, the RetinaNet teacher of these tests."""
+    d = tmp_path_factory.mktemp("retina_r18")
+    return save_random_checkpoint(RETINA_STUDENT, str(d / "teacher.pth"))
+
+
+@pytest.fixture(scope="module")
+def retina_pair(tmp_path_factory, retina_r18_weights):
+    """A RetinaNet student and teacher config (for build-time checks and single forwards)."""
+    d = tmp_path_factory.mktemp("retina_pair")
+    return distill_cfg(
+        "bccd/distill_fitnet_retinanet_R50_R18.yaml", d, retina_r18_weights, teacher_config=RETINA_STUDENT
+    )
+
+
+@pytest.fixture(scope="module")
+def retina_models(retina_pair):
+    """A RetinaNet student and teacher built from ``retina_pair`` (random weights)."""
+    torch.manual_seed(0)
+    return build_model(retina_pair), build_teacher(retina_pair)
+
+
+def heads_cfg(base, heads, opts=()):
+    """A copy of ``base`` with ``DISTILL.HEADS = heads`` and ``opts`` merged."""
+    cfg = base.clone()
+    cfg.defrost()
+    cfg.DISTILL.HEADS = list(heads)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def train(cfg, resume=False):
+    """Build a DistillTrainer, load or resume, train; the trainer."""
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    trainer.train()
+    return trainer
+
+
+def latest_losses(trainer):
+    """The last logged value of every ``loss*`` term."""
+    return {k: h.latest() for k, h in trainer.storage.histories().items() if k.startswith("loss")}
+
+
+def assert_logged_and_finite(trainer, keys):
+    """Every term of ``keys`` was logged and is finite; the latest losses."""
+    losses = latest_losses(trainer)
+    missing = [k for k in keys if k not in losses]
+    assert not missing, f"not logged: {missing}; logged: {sorted(losses)}"
+    bad = {k: losses[k] for k in keys if not math.isfinite(losses[k])}
+    assert not bad, f"non-finite: {bad}"
+    return losses
+
+
+def build_distiller(cfg):
+    """Student, teacher, heads and the DistillationModel of ``cfg`` without a trainer or data loader."""
+    torch.manual_seed(0)
+    student = build_model(cfg)
+    teacher = build_teacher(cfg)
+    heads = build_distill_heads(cfg, BuildContext(student, teacher, cfg, teacher.d2kd_cfg))
+    return DistillationModel(student, teacher, heads, DistillSchedule.from_config(cfg), cfg.DISTILL.TEACHER.INPUT_SCALE)
+
+
+def synthetic_batch(sizes=((128, 160), (128, 176)), empty=(1,)):
+    """Images with a few boxes; the images whose index is in ``empty`` have no ground truth."""
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for i, (h, w) in enumerate(sizes):
+        instances = Instances((h, w))
+        boxes = [] if i in empty else [[10.0, 12.0, 60.0, 70.0], [70.0, 20.0, 90.0, 44.0], [30.0, 80.0, 120.0, 125.0]]
+        instances.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        instances.gt_classes = torch.tensor([0, 2, 1][: len(boxes)], dtype=torch.int64)
+        image = torch.randint(0, 256, (3, h, w), generator=g).to(torch.uint8)
+        batch.append({"image": image, "instances": instances, "height": h, "width": w})
+    return batch
+
+
+def step(model, batch):
+    """One training forward of a DistillationModel (losses dict)."""
+    model.train()
+    with EventStorage(0):
+        return model(batch)
+
+
+def smaller(cfg):
+    """Inputs of 96 x <=128 px for student and teacher (the tests here only need plumbing)."""
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (96,), 128
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 96, 128
+    cfg.DISTILL.TEACHER.OPTS = ["INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 128,
+                                "MODEL.RPN.PRE_NMS_TOPK_TEST", 200, "MODEL.RPN.POST_NMS_TOPK_TEST", 100]
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# train_net's command line
+# ---------------------------------------------------------------------------------------
+
+
+def cli_args(config, output_dir, teacher_weights, extra_opts=(), **flags):
+    """train_net's argument namespace for a tiny BCCD run (the test sizes of conftest)."""
+    opts = [
+        "OUTPUT_DIR", str(output_dir),
+        "DISTILL.TEACHER.CONFIG_FILE", os.path.join(CONFIGS, "bccd/student_R18_FPN.yaml"),
+        "DISTILL.TEACHER.WEIGHTS", str(teacher_weights),
+        "DISTILL.TEACHER.OPTS", "['INPUT.MIN_SIZE_TEST', 128, 'INPUT.MAX_SIZE_TEST', 192, "
+        "'MODEL.RPN.PRE_NMS_TOPK_TEST', 200, 'MODEL.RPN.POST_NMS_TOPK_TEST', 100]",
+        "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "192",
+        "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192",
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "1", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "64",
+        "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
+        "MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
+        "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "DISTILL.EVAL_TEACHER", "False",
+    ] + [str(x) for x in extra_opts]
+    argv = ["--config-file", os.path.join(CONFIGS, config)]
+    for flag, value in flags.items():
+        flag = "--" + flag.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return train_net.build_parser().parse_args(argv + opts)
+
+
+# ---------------------------------------------------------------------------------------
+# Toy VOC datasets
+# ---------------------------------------------------------------------------------------
+
+
+VOC_CLASSES = ("cat", "dog")
+
+
+def jpeg_bytes(width=64, height=48, seed=0) -> bytes:
+    """A random JPEG image, encoded."""
+    rng = np.random.RandomState(seed)
+    image = rng.randint(0, 255, size=(height, width, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".jpg", image)
+    assert ok
+    return buf.tobytes()
+
+
+def voc_xml(width=64, height=48, objects=(("cat", (11, 6, 40, 30), 0),), size=True) -> str:
+    """A VOC annotation file: ``objects`` are (name, (xmin, ymin, xmax, ymax), difficult)."""
+    objs = "".join(
+        f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{b[0]}</xmin>"
+        f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+        for name, b, difficult in objects
+    )
+    size_xml = f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>" if size else ""
+    return f"<annotation><filename>x.jpg</filename>{size_xml}{objs}</annotation>"
+
+
+def make_voc(root, images, split="train"):
+    """A VOC folder: ``images`` maps id -> (jpeg bytes or None for no file, xml text or None)."""
+    for sub in ("Annotations", "JPEGImages", os.path.join("ImageSets", "Main")):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for image_id, (jpg, xml) in images.items():
+        if jpg is not None:
+            with open(os.path.join(root, "JPEGImages", image_id + ".jpg"), "wb") as f:
+                f.write(jpg)
+        if xml is not None:
+            with open(os.path.join(root, "Annotations", image_id + ".xml"), "w") as f:
+                f.write(xml)
+    with open(os.path.join(root, "ImageSets", "Main", split + ".txt"), "w") as f:
+        f.write("".join(i + "\n" for i in images))
+    return str(root)
+
+
+def tiny_train_cfg(tmp_path, dataset, opts=()):
+    """The R18 student on ``dataset``, one image per batch of 48-64 px."""
+    cfg = load_test_cfg("bccd/student_R18_FPN.yaml", tmp_path / "out", opts=list(opts))
+    cfg.DATASETS.TRAIN = (dataset,)
+    cfg.SOLVER.IMS_PER_BATCH = 1
+    cfg.INPUT.MIN_SIZE_TRAIN = (48,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 64
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Head unit tests: shape-only two-stage models, hand-made records and step inputs
+# ---------------------------------------------------------------------------------------
+
+
+class _FakeLevels(nn.Module):
+    """Reports one ``p<log2 stride>`` level per stride; no weights."""
+    def __init__(self, channels, strides):
+        super().__init__()
+        self.shapes = {f"p{int(math.log2(s))}": ShapeSpec(channels=channels, stride=s) for s in strides}
+
+    def output_shape(self):
+        return self.shapes
+
+
+class FakeRCNN(nn.Module):
+    """Shapes of a GeneralizedRCNN: backbone levels, an RPN anchor generator, a box predictor."""
+
+    def __init__(self, channels=2, strides=(4, 8), anchor_features=("p2", "p3"), num_classes=2):
+        super().__init__()
+        self.backbone = _FakeLevels(channels, strides)
+        self.proposal_generator = nn.Module()
+        self.proposal_generator.anchor_generator = nn.Module()
+        self.proposal_generator.in_features = list(anchor_features)
+        self.roi_heads = nn.Module()
+        self.roi_heads.box_predictor = nn.Module()
+        self.roi_heads.num_classes = num_classes
+
+
+def fake_rcnn_context(student=None, teacher=None):
+    """A BuildContext of two shape-only two-stage models (FakeRCNN by default)."""
+    return BuildContext(student or FakeRCNN(), teacher or FakeRCNN(), None, None)
+
+
+def gt_instances(boxes, hw=(32, 32)):
+    """Ground-truth Instances of class 0 with the XYXY ``boxes``."""
+    inst = Instances(hw)
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.zeros(len(inst.gt_boxes), dtype=torch.int64)
+    return inst
+
+
+def gt_step(instances, iteration=0, image_sizes=None, padded=(32, 32)):
+    """StepInputs of ground-truth ``instances`` on zero images padded to ``padded``."""
+    sizes = image_sizes or [padded] * len(instances)
+    images = ImageList(torch.zeros(len(instances), 3, *padded), sizes)
+    return StepInputs([], instances, images, None, iteration)
+
+
+def empty_step(num_images=2):
+    """StepInputs of ``num_images`` images without boxes."""
+    empty = Instances((16, 16), gt_boxes=Boxes(torch.zeros(0, 4)), gt_classes=torch.zeros(0, dtype=torch.long))
+    return StepInputs([{}] * num_images, [empty] * num_images, None, None, 0)
+
+
+def backbone_records(features, **extra):
+    """Records of ``backbone`` outputs ``features``; ``extra`` modules with ``__`` for ``.``."""
+    data = {"backbone": [((), features)]}
+    data.update({k.replace("__", "."): [((), v)] for k, v in extra.items()})
+    return Records(data)
+
+
+def random_features(gen, channels, batch=2, sizes=(("p2", 4), ("p3", 2))):
+    """Random square maps per level: ``sizes`` are (name, side)."""
+    return {k: torch.randn(batch, channels, n, n, generator=gen, dtype=torch.float64).float() for k, n in sizes}
+
+
+# ---------------------------------------------------------------------------------------
+# Head unit tests: numpy references
+# ---------------------------------------------------------------------------------------
+
+
+def np64(t):
+    """A tensor as a float64 numpy array."""
+    return t.detach().double().numpy()
+
+
+def np_softmax(z, axis):
+    """Softmax along ``axis``, in numpy."""
+    e = np.exp(z - z.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def np_softmax_1d(z):
+    """Softmax of a vector, in numpy."""
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def np_conv1x1(x, w, b=None):
+    """A 1x1 convolution of (B, C, H, W) ``x`` with torch's (O, C, 1, 1) weight, in numpy."""
+    out = np.einsum("oc,bchw->bohw", w[:, :, 0, 0], x)
+    return out if b is None else out + b[None, :, None, None]
+
+
+def np_imitation_loss(s, t, w, distance="l2", channel_mean=True, normalizer="weight_sum", half=True):
+    """Direct loops over (b, c, h, w): sum w d / (2 C sum w)."""
+    b, c, h, wd = s.shape
+    total = 0.0
+    for i in range(b):
+        for k in range(c):
+            for y in range(h):
+                for x in range(wd):
+                    diff = s[i, k, y, x] - t[i, k, y, x]
+                    d = diff * diff if distance == "l2" else abs(diff)
+                    total += w[i, y, x] * d
+    z = w.sum() if normalizer == "weight_sum" else b * h * wd
+    return (0.5 if half else 1.0) * total / ((c if channel_mean else 1) * z)

@@ -36,6 +36,11 @@ def register_config_extension(add_config):
 
 def _add_base_distill_config(cfg: CN):
     _C = cfg
+    # Datasets declared in the config (d2kd.data.config_datasets), registered by train_net.py in
+    # every process: rows [name, "voc", root, split] or [name, "coco", json_file, image_root] ...
+    _C.DATASETS.DEFINE = []
+    # ... and the VOC datasets' class names, in category-id order.
+    _C.DATASETS.CLASSES = []
     _C.DISTILL = CN()
     # Names of heads in DISTILL_HEAD_REGISTRY; empty = train a plain detector.
     _C.DISTILL.HEADS = []
@@ -52,14 +57,35 @@ def _add_base_distill_config(cfg: CN):
     # Fail when the weights miss or have extra parameters. Set False to load partially
     # (a report of what is missing is still logged).
     _C.DISTILL.TEACHER.STRICT_LOAD = True
+    # The teacher's class names in its training order, when its training datasets are not
+    # registered in this process and its config declares no DATASETS.CLASSES: heads that compare
+    # per-class outputs check them against the student's (empty: found from the teacher's config).
+    _C.DISTILL.TEACHER.CLASSES = []
     # Scale of the teacher's input relative to the student's (2.0: the teacher sees the
     # image at twice the student's resolution, the low-resolution student of Chen et al.).
     _C.DISTILL.TEACHER.INPUT_SCALE = 1.0
+    # The precision of the frozen teacher's forward: "" follows the training step (fp32, or
+    # SOLVER.AMP's autocast); "fp32" always full precision; "bf16" / "fp16" under autocast of that
+    # dtype on the teacher's device, also without AMP. The heads always receive fp32 teacher records.
+    _C.DISTILL.TEACHER.PRECISION = ""
+    # Detectron2's yacs defaults have no SOLVER.AMP.PRECISION (only its LazyConfig's AMPTrainer
+    # takes one): "float16" (with a gradient scaler) or "bfloat16" on CUDA; a CPU uses bfloat16.
+    if "PRECISION" not in _C.SOLVER.AMP:
+        _C.SOLVER.AMP.PRECISION = "float16"
 
     # Distillation losses are off for the first WARMUP_ITERS iterations ...
     _C.DISTILL.WARMUP_ITERS = 0
     # ... and from STOP_ITER on (-1: never stop).
     _C.DISTILL.STOP_ITER = -1
+    # Automatic loss balance (d2kd.modeling.loss_balance): "off" keeps the paper weights;
+    # "initial" measures each head's total and the detector loss over the first ITERS iterations
+    # with distillation on, then fixes one multiplier per head so that its total is TARGET x the
+    # detector loss (capped at MAX_MULTIPLIER when > 0). A head's own term weights are unchanged.
+    _C.DISTILL.LOSS_BALANCE = CN()
+    _C.DISTILL.LOSS_BALANCE.MODE = "off"
+    _C.DISTILL.LOSS_BALANCE.TARGET = 1.0
+    _C.DISTILL.LOSS_BALANCE.ITERS = 20
+    _C.DISTILL.LOSS_BALANCE.MAX_MULTIPLIER = 0.0
     # Evaluate the teacher once and report it beside the student ("teacher/" metrics).
     _C.DISTILL.EVAL_TEACHER = False
 

@@ -32,7 +32,8 @@ __all__ = [
 
 # Config keys holding a file path. A relative path in a YAML file is resolved against that
 # file's folder when it names an existing file there, else it is left to the working directory
-# (model-zoo names and URLs are left as they are).
+# (model-zoo names and URLs are left as they are). The paths in DATASETS.DEFINE rows resolve
+# the same way.
 PATH_KEYS = ("DISTILL.TEACHER.CONFIG_FILE", "DISTILL.TEACHER.WEIGHTS", "MODEL.WEIGHTS", "MODEL.MOBILENET.WEIGHTS")
 
 
@@ -168,13 +169,25 @@ def _path_values(config_file: str) -> Dict[str, str]:
     folder = os.path.dirname(os.path.abspath(config_file))
     for key in PATH_KEYS:
         value = _nested_get(raw, key)
-        if not isinstance(value, str):
-            continue
-        candidate = os.path.join(folder, os.path.expanduser(value))
-        if value and not os.path.isabs(value) and "://" not in value and os.path.exists(candidate):
-            value = os.path.normpath(candidate)
-        values[key] = value
+        if isinstance(value, str):
+            values[key] = _beside(folder, value)
+    rows = _nested_get(raw, "DATASETS.DEFINE")
+    if isinstance(rows, list):  # [name, format, path, path or split]: the paths resolve too
+        values["DATASETS.DEFINE"] = [
+            [row[0], row[1]] + [_beside(folder, x) if isinstance(x, str) else x for x in row[2:]]
+            if isinstance(row, list) and len(row) == 4
+            else row
+            for row in rows
+        ]
     return values
+
+
+def _beside(folder: str, value: str) -> str:
+    """``value`` joined to ``folder`` when that names an existing file or folder, else unchanged."""
+    candidate = os.path.join(folder, os.path.expanduser(value))
+    if value and not os.path.isabs(value) and "://" not in value and os.path.exists(candidate):
+        return os.path.normpath(candidate)
+    return value
 
 
 def _resolve_relative_paths(cfg: CfgNode, config_file: str):

@@ -32,12 +32,37 @@ def datasets_root(default: Optional[str] = None) -> str:
 
 
 def register_bccd(root: Optional[str] = None):
-    """Register ``bccd_{train,val,trainval,test}`` (idempotent)."""
+    """
+    Register ``bccd_{train,val,trainval,test}`` (idempotent). When the BCCD folder is not there
+    (``$D2KD_DATASETS`` pointing elsewhere, a run on your own data from another folder), the
+    names are still registered, and only a run that uses one fails, naming the folder and the
+    variable.
+    """
     dirname = os.path.join(root or datasets_root(), "bccd")
     for name, split in BCCD_SPLITS.items():
         if name in DatasetCatalog.list():
             continue
-        register_voc_dataset(name, dirname, split, BCCD_CLASSES)
+        if os.path.isdir(dirname):
+            register_voc_dataset(name, dirname, split, BCCD_CLASSES)
+        else:
+            DatasetCatalog.register(name, _missing_bccd_loader(name, dirname))
+            MetadataCatalog.get(name).set(thing_classes=list(BCCD_CLASSES), evaluator_type="coco")
+
+
+def _missing_bccd_loader(name: str, dirname: str):
+    def load():
+        source = (
+            f"$D2KD_DATASETS is {os.environ['D2KD_DATASETS']!r}"
+            if os.environ.get("D2KD_DATASETS")
+            else f"the working directory is {os.getcwd()}"
+        )
+        raise DatasetFormatError(
+            f"Dataset '{name}' needs the BCCD folder {dirname}, which does not exist ({source}). Set "
+            "D2KD_DATASETS to the folder holding bccd/ (the repository's datasets/), or run from the "
+            "repository root."
+        )
+
+    return load
 
 
 def register_coco_dataset(name: str, json_file: str, image_root: str, class_names: Sequence[str] = ()):

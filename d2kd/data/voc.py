@@ -2,21 +2,31 @@
 Pascal VOC loading and registration with validation.
 
 Detectron2 ships ``load_voc_instances``, but it keeps degenerate boxes (BCCD has two
-zero-area boxes) and fails with a bare ``ParseError`` or ``ValueError`` on a broken
-file. This loader names the file and the fix instead, and drops boxes with no area.
+zero-area boxes), assumes ``.jpg`` images and fails with a bare ``ParseError`` or
+``ValueError`` on a broken file. This loader names the file and the fix instead: it finds the
+image from the annotation's ``<filename>`` (any format), checks the image's size against
+``<size>`` when the dataset is loaded, drops zero-area and inverted boxes with a warning that
+says which, and clips boxes that extend beyond the image (one warning per file, with a count).
 """
 
 import logging
 import os
 import xml.etree.ElementTree as ET
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from .mapper import DatasetFormatError, check_image_file
 
-__all__ = ["load_voc_detection", "read_voc_split", "register_voc_dataset"]
+__all__ = ["load_voc_detection", "read_voc_split", "register_voc_dataset", "find_voc_image"]
+
+# Extensions tried, in order, for an image id when the annotation names no existing file.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG")
+# EXIF orientations that swap width and height (Detectron2's read_image applies them).
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +60,50 @@ def _parse_box(obj, anno_file: str) -> List[float]:
     return box
 
 
-def _parse_annotation(
-    anno_file: str, image_file: str, image_id: str, class_names: Sequence[str]
-) -> Dict:
+def find_voc_image(image_dir: str, image_id: str, filename: Optional[str]) -> str:
+    """
+    The image of ``image_id``: ``image_dir/<filename>`` when the annotation names an existing
+    file, else ``image_dir/<image_id><ext>`` for the usual extensions; an error lists what was tried.
+    """
+    tried = []
+    if filename:
+        tried.append(os.path.join(image_dir, os.path.basename(filename.strip())))
+    tried += [os.path.join(image_dir, image_id + ext) for ext in IMAGE_EXTENSIONS]
+    for path in tried:
+        if os.path.isfile(path):
+            return path
+    named = f" (its <filename> is {filename.strip()!r})" if filename else ""
+    shown = tried[: 2 if filename else 1]
+    raise DatasetFormatError(
+        f"Image file not found for image id {image_id!r}{named}: tried {' and '.join(shown)} (and the "
+        f"extensions {', '.join(IMAGE_EXTENSIONS[1:])}). Put the image there, or fix the annotation's "
+        "<filename> (the split file lists the id)."
+    )
+
+
+def _image_size(image_file: str) -> Tuple[int, int]:
+    """(width, height) of ``image_file`` as Detectron2 reads it (EXIF orientation applied); reads the header only."""
+    try:
+        with Image.open(image_file) as image:
+            width, height = image.size
+            try:
+                orientation = image.getexif().get(0x0112)
+            except Exception:  # a damaged file: the mapper names it when it decodes the image
+                orientation = None
+    except Exception as e:  # PIL raises several types for unreadable headers
+        raise DatasetFormatError(f"Image file {image_file} cannot be read: {type(e).__name__}: {e}.") from e
+    return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
+
+
+def _parse_annotation(anno_file: str, image_dir: str, image_id: str, class_names: Sequence[str]) -> Dict:
     if not os.path.isfile(anno_file):
         raise DatasetFormatError(f"Annotation file not found: {anno_file} (listed in the split).")
-    if not os.path.isfile(image_file):
-        raise DatasetFormatError(f"Image file not found: {image_file} (listed in the split).")
-    check_image_file(image_file)  # 0-byte or non-image files fail here, named
     try:
         tree = ET.parse(anno_file)
     except ET.ParseError as e:
         raise DatasetFormatError(f"Corrupt annotation file {anno_file}: {e}. Fix the XML.") from e
+    image_file = find_voc_image(image_dir, image_id, tree.findtext("filename"))
+    check_image_file(image_file)  # 0-byte or non-image files fail here, named
     try:
         height = int(tree.findall("./size/height")[0].text)
         width = int(tree.findall("./size/width")[0].text)
@@ -70,6 +112,7 @@ def _parse_annotation(
             f"{anno_file}: <size> must hold integer <width> and <height>."
         ) from e
     annotations = []
+    clipped = 0
     for obj in tree.findall("object"):
         name_node = obj.find("name")
         name = name_node.text.strip() if name_node is not None and name_node.text else None
@@ -79,13 +122,25 @@ def _parse_annotation(
                 f"{list(class_names)}. Pass the full class list when registering the dataset."
             )
         box = _parse_box(obj, anno_file)
-        # Degenerate boxes (xmax <= xmin or ymax <= ymin as annotated; BCCD has two) are dropped.
-        if box[2] <= box[0] or box[3] <= box[1]:
+        if box[2] < box[0] or box[3] < box[1]:
+            logger.warning(
+                f"{anno_file}: dropping an inverted box {box} of class {name} (xmax < xmin or "
+                "ymax < ymin): swap the coordinates in the annotation to keep it."
+            )
+            continue
+        if box[2] == box[0] or box[3] == box[1]:  # BCCD has two
             logger.warning(f"{anno_file}: dropping a zero-area box {box} of class {name}.")
             continue
         # VOC coordinates are 1-based inclusive pixel indices; Detectron2 uses 0-based
         # continuous coordinates (the same convention as detectron2's own VOC loader).
         box = [box[0] - 1.0, box[1] - 1.0, box[2], box[3]]
+        inside = [min(max(value, 0.0), limit) for value, limit in zip(box, (width, height, width, height))]
+        if inside != box:
+            clipped += 1
+            box = inside
+            if box[2] <= box[0] or box[3] <= box[1]:
+                logger.warning(f"{anno_file}: dropping a box of class {name} that lies outside the image.")
+                continue
         difficult_node = obj.find("difficult")
         difficult = int(difficult_node.text) if difficult_node is not None and difficult_node.text else 0
         annotations.append(
@@ -99,6 +154,16 @@ def _parse_annotation(
                 "difficult": difficult,
             }
         )
+    actual_width, actual_height = _image_size(image_file)
+    if (actual_width, actual_height) != (width, height):
+        raise DatasetFormatError(
+            f"{anno_file}: <size> says {width}x{height} but its image {image_file} is "
+            f"{actual_width}x{actual_height} (width x height). The boxes are drawn on the image the "
+            "annotation was made for: replace the image with that one, or, if the annotation is "
+            "right for this image, correct <size>."
+        )
+    if clipped:
+        logger.warning(f"{anno_file}: {clipped} box(es) extend beyond the {width}x{height} image and were clipped to it.")
     return {
         "file_name": image_file,
         "image_id": image_id,
@@ -121,8 +186,7 @@ def load_voc_detection(dirname: str, split: str, class_names: Sequence[str]) -> 
     dicts = []
     for image_id in read_voc_split(dirname, split):
         anno_file = os.path.join(dirname, "Annotations", image_id + ".xml")
-        image_file = os.path.join(dirname, "JPEGImages", image_id + ".jpg")
-        dicts.append(_parse_annotation(anno_file, image_file, image_id, class_names))
+        dicts.append(_parse_annotation(anno_file, os.path.join(dirname, "JPEGImages"), image_id, class_names))
     return dicts
 
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config import uses_teacher
 from ..modeling.inherit import InheritError, inherit_teacher_parameters
+from ..modeling.loss_balance import LossBalance
 
 __all__ = ["CheckReport", "run_check", "describe_shapes"]
 
@@ -54,6 +55,8 @@ class CheckReport:
     captures: Dict[str, Dict[str, str]] = field(default_factory=dict)  # role -> target -> shapes
     modules: Dict[str, int] = field(default_factory=dict)  # head module path -> trainable parameters
     losses: Dict[str, float] = field(default_factory=dict)
+    # DISTILL.LOSS_BALANCE "initial": the multiplier of each head this batch's losses imply.
+    loss_balance: Dict[str, float] = field(default_factory=dict)
     teacher_ap: Optional[float] = None
     teacher_results: Dict = field(default_factory=dict)
 
@@ -229,6 +232,7 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
     _report_captures(report, recorded, log)
     _report_modules(report, heads, log)
     _report_losses(report, loss_dict, log)
+    _report_loss_balance(report, cfg, heads, log)
     trainer.optimizer.zero_grad()
 
     # 4. The teacher's AP on a few test images.
@@ -359,6 +363,26 @@ def _report_losses(report, loss_dict, log):
             report.warnings.append(f"{k} is {ratio:.3g} x the detector losses: it may swamp detection; consider a lower weight.")
         elif ratio < RATIO_LOW:
             report.warnings.append(f"{k} is only {ratio:.3g} x the detector losses: it may have no effect; check its weight.")
+
+
+def _report_loss_balance(report, cfg, heads, log):
+    """DISTILL.LOSS_BALANCE "initial": the multipliers this one batch implies (the run measures ITERS batches)."""
+    opts = cfg.DISTILL.LOSS_BALANCE
+    if opts.MODE != "initial" or not heads:
+        return
+    balance = LossBalance(list(heads), "initial", opts.TARGET, 1, opts.MAX_MULTIPLIER)
+    detector = {k: torch.tensor(v) for k, v in report.losses.items() if not k.startswith("loss_kd_")}
+    terms = {
+        name: {k: torch.tensor(v) for k, v in report.losses.items() if k == f"loss_kd_{name}" or k.startswith(f"loss_kd_{name}_")}
+        for name in heads
+    }
+    balance.observe(terms, detector)
+    report.loss_balance = balance.as_dict()
+    log(
+        f"DISTILL.LOSS_BALANCE initial (target {opts.TARGET} x the detector loss): on this batch the multipliers "
+        f"would be {', '.join(f'{k} {v:.3g}' for k, v in report.loss_balance.items())}; the run fixes them from "
+        f"the mean over its first {opts.ITERS} iterations with distillation on."
+    )
 
 
 def _check_teacher_ap(report, trainer, cfg, num_images, printer, log, fail):

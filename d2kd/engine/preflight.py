@@ -14,11 +14,13 @@ from ..config.loader import ConfigOptionError, merge_config  # noqa: F401  (thei
 __all__ = [
     "check_output_dir",
     "set_aside_previous_logs",
+    "set_aside_previous_run",
     "validate_datasets",
     "OutputDirError",
     "ConfigOptionError",
     "merge_config",
     "dataset_classes",
+    "teacher_classes",
     "check_class_alignment",
 ]
 
@@ -42,17 +44,30 @@ def check_output_dir(cfg, overwrite: bool = False):
 
 # What Detectron2 appends to rather than replaces: a new run would mix its records with them.
 RUN_LOG_PATTERNS = ("metrics.json", "log.txt", "log.txt.rank*", "events.out.tfevents.*")
+# What else belongs to one run: a new run would overwrite some (config.yaml, even if it fails
+# before its first iteration) and leave others beside its own (older checkpoints, results).
+RUN_STATE_PATTERNS = (
+    "config.yaml",
+    "student_config.yaml",
+    "student_config_d2kd.yaml",
+    "model_*.pth",
+    "last_checkpoint",
+    "eval_results.json",
+    "inference",
+    "teacher_eval",
+)
 
 
-def set_aside_previous_logs(output_dir: str) -> Optional[str]:
+def set_aside_previous_logs(output_dir: str, patterns: Sequence[str] = RUN_LOG_PATTERNS) -> Optional[str]:
     """
     Before a new (not resumed) run starts in ``output_dir``, move the logs of a previous run
     there (``metrics.json``, ``log.txt``, TensorBoard event files: Detectron2 appends to them)
     into ``output_dir/previous_runs/<time>/``, so the new run's curves and loss statistics are
     its own and the old ones are kept. This happens after ``--overwrite`` and after a run that
-    failed before its first checkpoint. Returns the folder, or None if there was nothing.
+    failed before its first checkpoint. ``patterns``: the file names (globs) to move. Returns
+    the folder, or None if there was nothing.
     """
-    found = sorted({f for pattern in RUN_LOG_PATTERNS for f in glob.glob(os.path.join(output_dir, pattern))})
+    found = sorted({f for pattern in patterns for f in glob.glob(os.path.join(output_dir, pattern))})
     if not found:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(os.path.getmtime(f) for f in found)))
@@ -64,8 +79,19 @@ def set_aside_previous_logs(output_dir: str) -> Optional[str]:
     os.makedirs(target)
     for f in found:
         os.replace(f, os.path.join(target, os.path.basename(f)))
-    logger.info("Moved the previous run's logs in %s to %s", output_dir, target)
+    logger.info("Moved the previous run's files in %s to %s", output_dir, target)
     return target
+
+
+def set_aside_previous_run(output_dir: str) -> Optional[str]:
+    """
+    :func:`set_aside_previous_logs` for everything of a previous run: its logs and its
+    ``config.yaml``, checkpoints (``model_*.pth``, ``last_checkpoint``) and evaluation results,
+    all into the same ``previous_runs/<time>/`` folder, so OUTPUT_DIR never mixes two runs.
+    ``train_net.py`` calls it for every new run (checkpoints are only there with ``--overwrite``:
+    :func:`check_output_dir` refuses otherwise).
+    """
+    return set_aside_previous_logs(output_dir, RUN_LOG_PATTERNS + RUN_STATE_PATTERNS)
 
 
 def validate_datasets(cfg):
@@ -77,8 +103,12 @@ def validate_datasets(cfg):
                 user = sorted(n for n in registered if not n.startswith(("coco_", "lvis_", "keypoints_", "voc_", "cityscapes_", "ade20k_")))
                 raise KeyError(
                     f"Dataset '{name}' in DATASETS.{field} is not registered. Registered here: {user} "
-                    "(plus Detectron2's built-in COCO/LVIS/VOC names). Register your data with "
-                    "d2kd.register_voc_dataset(...) or d2kd.register_coco_dataset(...) before training."
+                    "(plus Detectron2's built-in COCO/LVIS/VOC names). Declare it in the config "
+                    "(DATASETS.DEFINE rows [name, voc, root, split] with DATASETS.CLASSES, or [name, "
+                    "coco, json_file, image_root]), or register it with d2kd.register_voc_dataset(...) / "
+                    "d2kd.register_coco_dataset(...) in the function that launch() runs: a dataset registered "
+                    "by the launching script before launch() is not seen by the worker processes of a "
+                    "multi-process run (--num-gpus > 1)."
                 )
 
 
@@ -99,6 +129,27 @@ def dataset_classes(names: Sequence[str]) -> Optional[List[str]]:
     return None
 
 
+def teacher_classes(cfg: CfgNode, teacher_cfg: CfgNode):
+    """
+    The teacher's class names and where they were found: ``DISTILL.TEACHER.CLASSES`` if given,
+    else the ``DATASETS.CLASSES`` its config declares, else the registered datasets of its
+    ``DATASETS.TRAIN``. ``(None, reason)`` when none of these knows them.
+    """
+    explicit = cfg.DISTILL.get("TEACHER", {}).get("CLASSES", ())
+    if explicit:
+        return list(explicit), "DISTILL.TEACHER.CLASSES"
+    declared = list(teacher_cfg.DATASETS.get("CLASSES", ()))
+    if declared:
+        return declared, "the teacher config's DATASETS.CLASSES"
+    classes = dataset_classes(teacher_cfg.DATASETS.TRAIN)
+    if classes:
+        return classes, f"the teacher's training datasets {tuple(teacher_cfg.DATASETS.TRAIN)}"
+    return None, (
+        f"the teacher's training datasets {tuple(teacher_cfg.DATASETS.TRAIN)} are not registered in this "
+        "process and its config declares no DATASETS.CLASSES"
+    )
+
+
 def _needs_aligned_classes(head) -> bool:
     """
     A head compares per-class outputs if it says so (``needs_aligned_classes``), or if it runs
@@ -112,12 +163,12 @@ def _needs_aligned_classes(head) -> bool:
 
 def check_class_alignment(cfg: CfgNode, teacher_cfg: Optional[CfgNode], heads: Mapping[str, object]):
     """
-    Best effort: when both the student's and the teacher's DATASETS.TRAIN name registered
-    datasets with ``thing_classes``, a head comparing class outputs (a head with
-    ``needs_aligned_classes = True``, or one running the teacher's box or dense head) requires the same
-    classes in the same order, and so does ``DISTILL.INHERIT`` when the class counts agree (it
-    would copy the teacher's class predictor). Raises :class:`DistillConfigError`; only logs
-    otherwise.
+    A head comparing class outputs (a head with ``needs_aligned_classes = True``, or one running
+    the teacher's box or dense head) requires the same classes in the same order, and so does
+    ``DISTILL.INHERIT`` when the class counts agree (it would copy the teacher's class
+    predictor). The student's classes are those of its DATASETS.TRAIN; the teacher's come from
+    :func:`teacher_classes`. Raises :class:`DistillConfigError` on a mismatch; when either side's
+    classes cannot be known, logs a loud warning naming DISTILL.TEACHER.CLASSES as the fix.
     """
     from ..step import DistillConfigError
 
@@ -125,20 +176,32 @@ def check_class_alignment(cfg: CfgNode, teacher_cfg: Optional[CfgNode], heads: M
     if teacher_cfg is None or not (heads or inheriting):
         return
     student_classes = dataset_classes(cfg.DATASETS.TRAIN)
-    teacher_classes = dataset_classes(teacher_cfg.DATASETS.TRAIN)
-    if student_classes is None or teacher_classes is None or student_classes == teacher_classes:
+    teacher_names, source = teacher_classes(cfg, teacher_cfg)
+    if student_classes is None or teacher_names is None:
+        needing = [name for name, head in heads.items() if _needs_aligned_classes(head)]
+        if needing or inheriting:
+            unknown = "the student's" if student_classes is None else "the teacher's"
+            why = source if teacher_names is None else f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)} has no class names"
+            logger.warning(
+                f"CLASS ORDER NOT CHECKED: {unknown} class names are unknown ({why}). "
+                f"{needing or ['DISTILL.INHERIT']} compare or copy per-class outputs and would silently learn "
+                "swapped classes if the two orders differ. Set DISTILL.TEACHER.CLASSES to the teacher's class "
+                "names in training order (or point DISTILL.TEACHER.CONFIG_FILE at the teacher run's config.yaml)."
+            )
         return
-    if len(student_classes) == len(teacher_classes):
-        i = next(i for i, (s, t) in enumerate(zip(student_classes, teacher_classes)) if s != t)
-        difference = f"class {i} is '{teacher_classes[i]}' for the teacher and '{student_classes[i]}' for the student"
+    if student_classes == teacher_names:
+        return
+    if len(student_classes) == len(teacher_names):
+        i = next(i for i, (s, t) in enumerate(zip(student_classes, teacher_names)) if s != t)
+        difference = f"class {i} is '{teacher_names[i]}' for the teacher and '{student_classes[i]}' for the student"
     else:
-        difference = f"{len(teacher_classes)} teacher classes vs {len(student_classes)} student classes"
+        difference = f"{len(teacher_names)} teacher classes vs {len(student_classes)} student classes"
     description = (
-        f"The teacher was trained on {tuple(teacher_cfg.DATASETS.TRAIN)} with classes {teacher_classes}, "
+        f"The teacher's classes ({source}) are {teacher_names}, "
         f"the student trains on {tuple(cfg.DATASETS.TRAIN)} with classes {student_classes} ({difference})"
     )
     needing = [name for name, head in heads.items() if _needs_aligned_classes(head)]
-    if inheriting and len(student_classes) == len(teacher_classes):
+    if inheriting and len(student_classes) == len(teacher_names):
         needing.append("DISTILL.INHERIT (the teacher's class predictor)")
     if needing:
         raise DistillConfigError(

@@ -10,7 +10,7 @@ import weakref
 from collections import OrderedDict
 
 import torch
-from detectron2.engine import DefaultTrainer, SimpleTrainer, AMPTrainer, create_ddp_model, hooks
+from detectron2.engine import DefaultTrainer, create_ddp_model, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.evaluation import COCOEvaluator
@@ -20,13 +20,23 @@ from detectron2.utils.logger import setup_logger
 from ..config import uses_teacher
 from ..heads import BuildContext, build_distill_heads
 from ..modeling.inherit import inherit_teacher_parameters
+from ..deploy import write_student_config
 from ..modeling.distiller import DistillationModel
+from ..modeling.loss_balance import LossBalance
 from ..modeling.schedule import DistillSchedule
 from ..modeling.teacher import build_teacher, build_teacher_cfg
 from ..data.mapper import SafeDatasetMapper
 from ..data.sampler import ResumedTrainingSampler
+from .amp import build_step_trainer
 from .checkpoint import SafeCheckpointer
-from .hooks import NonFiniteLossGuard, head_option_nodes
+from .hooks import (
+    NonFiniteLossGuard,
+    TrainingDivergedError,
+    divergence_message,
+    head_option_nodes,
+    last_checkpoint_of,
+    likely_fixes,
+)
 from .preflight import check_class_alignment, get_train_dataset_dicts
 from .rng import RNGState
 
@@ -68,18 +78,27 @@ class DistillTrainer(DefaultTrainer):
             context = BuildContext(student, self.teacher, cfg, self.teacher.d2kd_cfg)
             self.heads = build_distill_heads(cfg, context).to(student.device)
             check_class_alignment(cfg, getattr(self.teacher, "d2kd_cfg", None), self.heads)
+        self.loss_balance = None
         if len(self.heads):
+            self.loss_balance = LossBalance.from_config(cfg, list(self.heads.keys())).to(student.device)
             model = DistillationModel(
-                student, self.teacher, self.heads, DistillSchedule.from_config(cfg), cfg.DISTILL.TEACHER.INPUT_SCALE
+                student,
+                self.teacher,
+                self.heads,
+                DistillSchedule.from_config(cfg),
+                cfg.DISTILL.TEACHER.INPUT_SCALE,
+                loss_balance=self.loss_balance,
+                teacher_precision=cfg.DISTILL.TEACHER.PRECISION,
             )
         self.student = student
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
 
         model = create_ddp(model, student.device)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        # SOLVER.AMP: Detectron2's AMPTrainer on CUDA, CPU bfloat16 autocast on a CPU (d2kd.engine.amp).
+        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer, student.device)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        checkpointables = {"distiller": self.heads} if len(self.heads) else {}
+        checkpointables = {"distiller": self.heads, "loss_balance": self.loss_balance} if len(self.heads) else {}
         # Random generator state, restored on resume in single-process runs (see RNGState).
         self._rng_state = RNGState()
         checkpointables["rng"] = self._rng_state
@@ -89,19 +108,47 @@ class DistillTrainer(DefaultTrainer):
         self.cfg = cfg
         self._teacher_results = None
         self.register_hooks(self.build_hooks())
+        if comm.is_main_process():
+            # A config plain Detectron2 accepts, for the student that leaves d2kd (d2kd.deploy).
+            write_student_config(cfg, cfg.OUTPUT_DIR)
 
     def resume_or_load(self, resume=True):
         """
         As in Detectron2, plus: a resumed run continues the training data stream where it
         stopped (instead of restarting it) and restores the random generators, so ``N``
-        iterations straight equal ``k`` + resume + ``N - k``.
+        iterations straight equal ``k`` + resume + ``N - k``. ``resume`` into an OUTPUT_DIR
+        without a checkpoint logs a warning naming the folder and starts a new run.
         """
+        if resume and not self.checkpointer.has_checkpoint():
+            # Warn, not refuse: a job script may always pass --resume (preemptible clusters).
+            logger.warning(
+                f"--resume, but OUTPUT_DIR {os.path.abspath(self.cfg.OUTPUT_DIR)} holds no checkpoint (no "
+                "last_checkpoint file): starting a NEW run from iteration 0 with MODEL.WEIGHTS "
+                f"({self.cfg.MODEL.WEIGHTS or 'empty: random initialisation'}). If you meant to continue a run, "
+                "stop and check OUTPUT_DIR (a typo?)."
+            )
         super().resume_or_load(resume=resume)
         if resume and self.start_iter > 0:
             self._trainer.reset_data_loader(lambda: self.build_train_loader(self.cfg, start_iter=self.start_iter))
         elif self.cfg.DISTILL.INHERIT.ENABLED:
             report = inherit_teacher_parameters(self.student, self.teacher, self.cfg.DISTILL.INHERIT.PREFIXES)
             logger.info(f"DISTILL.INHERIT: {report.summary()}.")
+
+    def run_step(self):
+        """
+        Detectron2's step. The detector's own divergence error (a ``FloatingPointError`` such as
+        the RPN's "Predicted boxes or scores contain Inf/NaN") is raised again as a
+        :class:`TrainingDivergedError` naming the iteration, the last checkpoint and the fixes,
+        as the guard's own loss and gradient checks do (d2kd.engine.hooks).
+        """
+        try:
+            super().run_step()
+        except TrainingDivergedError:
+            raise
+        except FloatingPointError as e:
+            problem = f"Training diverged at iteration {self.iter}: the detector raised FloatingPointError: {e}"
+            fixes = likely_fixes(list(head_option_nodes(self.heads).values()))
+            raise TrainingDivergedError(divergence_message(problem, last_checkpoint_of(self.checkpointer), fixes)) from e
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter: int = 0):

@@ -22,6 +22,8 @@ from . import fbkd  # noqa: F401  isort:skip
 from . import cwd  # noqa: F401  isort:skip
 from . import chen2017  # noqa: F401  isort:skip
 from . import dense_kd  # noqa: F401  isort:skip
+from . import pkd  # noqa: F401  isort:skip
+from . import mgd  # noqa: F401  isort:skip
 
 __all__ = [
     "DISTILL_HEAD_REGISTRY",

@@ -6,6 +6,22 @@ training step into named loss terms. Its trainable parts (adapters, non-local bl
 are submodules, so they are optimised and checkpointed with it; the teacher is never one
 of its submodules.
 
+Built-in heads follow Detectron2's ``@configurable`` convention: ``__init__`` takes explicit
+keyword arguments, and ``from_config(cfg, context)`` turns ``cfg.DISTILL.<NAME>`` and a
+:class:`BuildContext` into them. ``Head(cfg, context)`` (what :func:`build_distill_heads`
+calls) goes through ``from_config``; tests and Python users can skip the config::
+
+    from d2kd.heads.fitnet import FitNet
+    from d2kd.heads.kd import KD
+    from d2kd.modeling.feature_pairs import FeaturePairing
+
+    fitnet = FitNet(pairing=FeaturePairing(student, teacher, ["p2", "p3"]), weight=1.0)
+    kd = KD(student=student, teacher=teacher, temperature=2.0)  # models are read, not kept
+
+Heads that size modules from the models take the built :class:`FeaturePairing`; heads that
+check or read the detectors' structure (RoI/RPN/dense outputs) take ``student``/``teacher``.
+Option checks raise the same :class:`DistillConfigError` either way.
+
 To add a method, subclass :class:`DistillHead`, register it and name it in a config::
 
     @DISTILL_HEAD_REGISTRY.register()
@@ -20,9 +36,12 @@ To add a method, subclass :class:`DistillHead`, register it and name it in a con
             return {"p2": ...}            # logged as loss_kd_myhead_p2
 
     # YAML: DISTILL: {HEADS: ["MyHead"], MYHEAD: {WEIGHT: 2.0}}
+
+(A head may equally use ``@configurable def __init__(self, *, weight=1.0)`` with
+``@classmethod from_config(cls, cfg, context)``, as the built-in ones do.)
 """
 
-from typing import Dict, List, Set
+from typing import Dict, List, Optional, Set
 
 import torch
 from detectron2.config import CfgNode
@@ -70,9 +89,17 @@ class DistillHead(nn.Module):
 
     ``forward(student, teacher, step)`` returns a dict ``term -> scalar``; the term ``""``
     is the head's single loss. Terms are logged as ``loss_kd_<name>[_<term>]``.
+
+    ``__init__`` needs no argument; ``(cfg, context)`` are accepted and ignored, so heads
+    written as ``super().__init__(cfg, context)`` keep working.
     """
 
-    def __init__(self, cfg: CfgNode, context: BuildContext):
+    # Which levels an empty IN_FEATURES means (detector_levels): "rpn" (the levels the
+    # proposal generator or the dense head reads), "roi" (the RoI heads' levels) or "stages"
+    # (the backbone's bottom-up stages, then the "rpn" levels).
+    LEVEL_SOURCE = "rpn"
+
+    def __init__(self, cfg: Optional[CfgNode] = None, context: Optional[BuildContext] = None):
         super().__init__()
         self.name = type(self).registry_name()
         self.student_modules: List[str] = []
@@ -96,8 +123,19 @@ class DistillHead(nn.Module):
         raise NotImplementedError(f"{cls.__name__} must define add_config(cfg)")
 
     @classmethod
-    def options(cls, cfg: CfgNode) -> CfgNode:
-        return cfg.DISTILL[cls.config_key()]
+    def options(cls, cfg: CfgNode, context: Optional[BuildContext] = None) -> CfgNode:
+        """
+        ``cfg.DISTILL.<config_key()>``. With a ``context``, a copy in which every empty
+        ``IN_FEATURES`` (also in sub-nodes) is the levels the student's detector reads
+        (:func:`detector_levels` with this head's ``LEVEL_SOURCE``), so ``HEADS: ["cwd"]`` works on
+        a Faster R-CNN (p2..p6), a Mask R-CNN or a RetinaNet (p3..p7) alike.
+        """
+        node = cfg.DISTILL[cls.config_key()]
+        if context is None:
+            return node
+        node = node.clone()
+        _fill_empty_in_features(node, lambda: detector_levels(context.student, cls.LEVEL_SOURCE))
+        return node
 
     def build_hooks(self, trainer) -> List:
         """
@@ -109,6 +147,54 @@ class DistillHead(nn.Module):
 
     def forward(self, student, teacher, step: StepInputs) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+LEVEL_SOURCES = ("rpn", "roi", "stages")
+
+
+def _by_stride(shapes) -> List[str]:
+    return sorted(shapes, key=lambda name: shapes[name].stride)
+
+
+def detector_levels(student, source: str = "rpn") -> List[str]:
+    """
+    The feature levels ``student``'s detector head reads: a RetinaNet's ``head_in_features``;
+    for a two-stage detector its RPN's ``in_features`` (``source`` "rpn") or its RoI heads'
+    (``source`` "roi"); else every backbone output. ``source`` "stages" puts the backbone's
+    bottom-up stages (e.g. res2..res5) before the "rpn" levels.
+    """
+    if source not in LEVEL_SOURCES:
+        raise ValueError(f"Unknown level source {source!r}; one of {LEVEL_SOURCES}.")
+    if source == "stages":
+        bottom_up = getattr(getattr(student, "backbone", None), "bottom_up", None)
+        stages = _by_stride(bottom_up.output_shape()) if bottom_up is not None else []
+        return stages + [name for name in detector_levels(student, "rpn") if name not in stages]
+    if getattr(student, "head_in_features", None):  # a one-stage DenseDetector (RetinaNet)
+        return list(student.head_in_features)
+    roi_heads, rpn = getattr(student, "roi_heads", None), getattr(student, "proposal_generator", None)
+    ordered = (roi_heads, rpn) if source == "roi" else (rpn, roi_heads)
+    for module in ordered:
+        if module is not None and getattr(module, "in_features", None):
+            return list(module.in_features)
+    return _by_stride(student.backbone.output_shape())
+
+
+def _fill_empty_in_features(node: CfgNode, levels):
+    """Set every empty ``IN_FEATURES`` under ``node`` to ``levels()`` (called only when one is empty)."""
+    for key, value in node.items():
+        if isinstance(value, CfgNode):
+            _fill_empty_in_features(value, levels)
+        elif key == "IN_FEATURES" and not value:
+            node[key] = list(levels())
+
+
+def student_and_teacher(context=None, student=None, teacher=None):
+    """``(student, teacher)``: the models of ``context`` (a :class:`BuildContext`), if given."""
+    if context is not None:
+        return context.student, context.teacher
+    if student is None or teacher is None:
+        raise TypeError("Pass the student and teacher models (or a BuildContext).")
+    return student, teacher
 
 
 def _lookup_head_class(name: str):

@@ -1,10 +1,11 @@
 """Channel-wise distillation (Shu et al., ICCV 2021; docs/methods/cwd.md)."""
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import configurable
 
 from ..capture import feature_shapes
 from ..losses import kd_kl_div
-from ..modeling.feature_pairs import add_feature_pairing_config, feature_pairing_from_config
+from ..modeling.feature_pairs import FeaturePairing, add_feature_pairing_config, feature_pairing_from_config
 from .base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
 
 __all__ = ["CWD", "channel_wise_divergence"]
@@ -39,6 +40,9 @@ class CWD(DistillHead):
     The student is used as is when its channels match the teacher's (mmrazor's FPN configs
     have no connector); a 1x1 conv adapter (FeaturePairing) is built when the channel counts
     differ, or for every level when ``ADAPTER.ENABLED`` is True.
+
+    Explicit construction: ``CWD(pairing=FeaturePairing(student, teacher, ["p2", "p3"],
+    adapter_enabled=False), weight=10.0, tau=1.0)`` (the adapter choice is then the caller's).
     """
 
     @classmethod
@@ -50,13 +54,21 @@ class CWD(DistillHead):
         # False: an adapter only where the channel counts differ.
         cfg.DISTILL.CWD.ADAPTER.ENABLED = False
 
-    def __init__(self, cfg, context):
-        super().__init__(cfg, context)
-        opts = self.options(cfg)
-        if opts.TAU <= 0:
-            raise DistillConfigError(f"DISTILL.CWD.TAU must be > 0, got {opts.TAU}.")
-        self.weight = opts.WEIGHT
-        self.tau = opts.TAU
+    @configurable
+    def __init__(self, *, pairing: FeaturePairing, weight: float = 10.0, tau: float = 1.0):
+        super().__init__()
+        _check_tau(tau)
+        self.weight = weight
+        self.tau = tau
+        self.pairing = pairing
+        self.student_modules = list(self.pairing.student_modules)
+        self.teacher_modules = list(self.pairing.teacher_modules)
+        self.teacher_parts = {"backbone"}
+
+    @classmethod
+    def from_config(cls, cfg, context):
+        opts = cls.options(cfg, context)
+        _check_tau(opts.TAU)
         node = opts.clone()
         node.defrost()
         teacher_names = list(opts.TEACHER_FEATURES) or list(opts.IN_FEATURES)
@@ -65,13 +77,15 @@ class CWD(DistillHead):
             t_shapes = feature_shapes(context.teacher, teacher_names, "teacher")
             if any(s_shapes[s].channels != t_shapes[t].channels for s, t in zip(opts.IN_FEATURES, teacher_names)):
                 node.ADAPTER.ENABLED = True
-        self.pairing = feature_pairing_from_config(node, context, cfg)
-        self.student_modules = list(self.pairing.student_modules)
-        self.teacher_modules = list(self.pairing.teacher_modules)
-        self.teacher_parts = {"backbone"}
+        return {"pairing": feature_pairing_from_config(node, context, cfg), "weight": opts.WEIGHT, "tau": opts.TAU}
 
     def forward(self, student, teacher, step):
         return {
             level: self.weight * channel_wise_divergence(adapted, target, self.tau)
             for level, adapted, target, _ in self.pairing.pairs(student, teacher)
         }
+
+
+def _check_tau(tau):
+    if tau <= 0:
+        raise DistillConfigError(f"DISTILL.CWD.TAU must be > 0, got {tau}.")

@@ -1,12 +1,17 @@
 """DeFeat: decoupled foreground/background distillation (Guo et al., CVPR 2021; docs/methods/defeat.md)."""
 
 import torch
+from typing import Optional
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import configurable
+from torch import nn
 
 from ..losses import kd_kl_div
 from ..losses.imitation import weighted_imitation_losses
-from ..modeling.box_masks import WINDOW_CONVENTIONS, feature_level, gt_boxes_of, level_box_masks
-from ..modeling.feature_pairs import add_feature_pairing_config, feature_pairing_from_config
+from ..modeling.box_masks import WINDOW_CONVENTIONS, canonical_box_size_for, feature_level, gt_boxes_of, level_box_masks
+from ..modeling.feature_pairs import FeaturePairing, add_feature_pairing_config, feature_pairing_from_config
+from .dense_outputs import is_dense_detector
 from .base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
 from .roi_logits import RoILogitsMixin
 
@@ -53,6 +58,11 @@ class DeFeat(RoILogitsMixin, DistillHead):
     both parts (both on here). Published COCO weights are [UNVERIFIED]. The official runner
     also anneals every KD weight by ``1 - epoch / max_epochs`` when its config asks for it
     ("decay"); d2kd does not (not in DISTILL's schedule for this head).
+
+    Explicit construction: ``DeFeat(pairing=FeaturePairing(student, teacher, ["p2", "p3"],
+    adapter_kernel=3, adapter_init_std=1e-4), roi_kd=True, student=student, teacher=teacher)``;
+    ``pairing=None`` turns the neck part off, and the models are needed (read, not kept) only
+    for the RoI part.
     """
 
     @classmethod
@@ -65,7 +75,9 @@ class DeFeat(RoILogitsMixin, DistillHead):
         node.MASK_CONVENTION = "exclusive"
         # A GT box marks only its scale-assigned level (False: every level).
         node.ASSIGN_BY_SCALE = True
-        node.CANONICAL_BOX_SIZE = 224
+        # Box size of level 4 in the box-to-level rule; 0: by detector kind (224 two-stage,
+        # 112 one-stage: d2kd.modeling.box_masks.canonical_box_size_for).
+        node.CANONICAL_BOX_SIZE = 0
         node.ROI_KD = True
         node.POS_WEIGHT = 2.0
         node.NEG_WEIGHT = 2.0
@@ -73,39 +85,64 @@ class DeFeat(RoILogitsMixin, DistillHead):
         node.NEG_TEMPERATURE = 1.0
         add_feature_pairing_config(node, kernel_size=3, init_std=1e-4, relu=False)
 
-    def __init__(self, cfg, context):
-        super().__init__(cfg, context)
-        opts = self.options(cfg)
-        if not (opts.NECK_KD or opts.ROI_KD):
-            raise DistillConfigError(
-                "DISTILL.DEFEAT.NECK_KD and DISTILL.DEFEAT.ROI_KD are both False: the head would distil "
-                "nothing. Turn one on or remove 'defeat' from DISTILL.HEADS."
-            )
-        if opts.MASK_CONVENTION not in WINDOW_CONVENTIONS:
-            raise DistillConfigError(
-                f"DISTILL.DEFEAT.MASK_CONVENTION {opts.MASK_CONVENTION!r} is unknown; choose one of "
-                f"{WINDOW_CONVENTIONS} ('exclusive' is the official code's)."
-            )
-        for key in ("POS_TEMPERATURE", "NEG_TEMPERATURE"):
-            if opts[key] <= 0:
-                raise DistillConfigError(f"DISTILL.DEFEAT.{key} must be > 0, got {opts[key]}.")
-        self.neck_kd = opts.NECK_KD
-        self.roi_kd = opts.ROI_KD
-        self.fg_weight, self.bg_weight = opts.FG_WEIGHT, opts.BG_WEIGHT
-        self.convention = opts.MASK_CONVENTION
-        self.assign_by_scale = opts.ASSIGN_BY_SCALE
-        self.canonical_box_size = opts.CANONICAL_BOX_SIZE
-        self.pos_weight, self.neg_weight = opts.POS_WEIGHT, opts.NEG_WEIGHT
-        self.pos_temperature, self.neg_temperature = opts.POS_TEMPERATURE, opts.NEG_TEMPERATURE
+    @configurable
+    def __init__(
+        self,
+        *,
+        pairing: Optional[FeaturePairing] = None,
+        roi_kd: bool = True,
+        student: Optional[nn.Module] = None,
+        teacher: Optional[nn.Module] = None,
+        fg_weight: float = 3.0,
+        bg_weight: float = 12.0,
+        mask_convention: str = "exclusive",
+        assign_by_scale: bool = True,
+        canonical_box_size: float = 0,
+        pos_weight: float = 2.0,
+        neg_weight: float = 2.0,
+        pos_temperature: float = 1.0,
+        neg_temperature: float = 1.0,
+    ):
+        super().__init__()
+        _check_options(pairing is not None, roi_kd, mask_convention, pos_temperature, neg_temperature)
+        self.neck_kd = pairing is not None
+        self.roi_kd = roi_kd
+        self.fg_weight, self.bg_weight = fg_weight, bg_weight
+        self.convention = mask_convention
+        self.assign_by_scale = assign_by_scale
+        one_stage = student is not None and is_dense_detector(student)
+        self.canonical_box_size = canonical_box_size_for(one_stage, canonical_box_size)
+        self.pos_weight, self.neg_weight = pos_weight, neg_weight
+        self.pos_temperature, self.neg_temperature = pos_temperature, neg_temperature
         if self.neck_kd:
-            self.pairing = feature_pairing_from_config(opts, context, cfg)
+            self.pairing = pairing
             self.levels = {n: feature_level(s) for n, s in self.pairing.student_strides.items()}
             self.student_modules += list(self.pairing.student_modules)
             self.teacher_modules += list(self.pairing.teacher_modules)
             self.teacher_parts.add("backbone")
         if self.roi_kd:
-            self._require_roi_logits(context)
-            self.num_classes = context.student.roi_heads.num_classes
+            self._require_roi_logits(student=student, teacher=teacher)
+            self.num_classes = student.roi_heads.num_classes
+
+    @classmethod
+    def from_config(cls, cfg, context):
+        opts = cls.options(cfg, context)
+        _check_options(opts.NECK_KD, opts.ROI_KD, opts.MASK_CONVENTION, opts.POS_TEMPERATURE, opts.NEG_TEMPERATURE)
+        return {
+            "pairing": feature_pairing_from_config(opts, context, cfg) if opts.NECK_KD else None,
+            "roi_kd": opts.ROI_KD,
+            "student": context.student,
+            "teacher": context.teacher,
+            "fg_weight": opts.FG_WEIGHT,
+            "bg_weight": opts.BG_WEIGHT,
+            "mask_convention": opts.MASK_CONVENTION,
+            "assign_by_scale": opts.ASSIGN_BY_SCALE,
+            "canonical_box_size": opts.CANONICAL_BOX_SIZE,
+            "pos_weight": opts.POS_WEIGHT,
+            "neg_weight": opts.NEG_WEIGHT,
+            "pos_temperature": opts.POS_TEMPERATURE,
+            "neg_temperature": opts.NEG_TEMPERATURE,
+        }
 
     def forward(self, student, teacher, step):
         terms = {}
@@ -149,3 +186,19 @@ class DeFeat(RoILogitsMixin, DistillHead):
             "roi_neg": self.neg_weight
             * kd_kl_div(student_scores[negative], teacher_scores[negative], self.neg_temperature),
         }
+
+
+def _check_options(neck_kd, roi_kd, mask_convention, pos_temperature, neg_temperature):
+    if not (neck_kd or roi_kd):
+        raise DistillConfigError(
+            "DISTILL.DEFEAT.NECK_KD and DISTILL.DEFEAT.ROI_KD are both False: the head would distil "
+            "nothing. Turn one on or remove 'defeat' from DISTILL.HEADS."
+        )
+    if mask_convention not in WINDOW_CONVENTIONS:
+        raise DistillConfigError(
+            f"DISTILL.DEFEAT.MASK_CONVENTION {mask_convention!r} is unknown; choose one of "
+            f"{WINDOW_CONVENTIONS} ('exclusive' is the official code's)."
+        )
+    for key, value in (("POS_TEMPERATURE", pos_temperature), ("NEG_TEMPERATURE", neg_temperature)):
+        if value <= 0:
+            raise DistillConfigError(f"DISTILL.DEFEAT.{key} must be > 0, got {value}.")

@@ -2,6 +2,8 @@
 
 import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import configurable
+from torch import nn
 
 from ..losses import binary_kd_div
 from ..losses.sigmoid_kd import BINARY_KD_FORMS
@@ -38,6 +40,9 @@ class DenseKD(DenseOutputsMixin, DistillHead):
     Logged per level of the student's ``head_in_features`` (``loss_kd_densekd_p3`` ...);
     the levels sum to ``L``. Teacher and student must have the same classes, levels, anchors
     and input resolution (checked at build time). Box-delta distillation is not included.
+
+    Explicit construction: ``DenseKD(student=student, teacher=teacher, temperature=1.0,
+    form="kl", normalizer="num_pos")`` (the models are checked and read, not kept).
     """
 
     @classmethod
@@ -52,29 +57,57 @@ class DenseKD(DenseOutputsMixin, DistillHead):
         # |p_s - p_t|^gamma weight on each term; 0 = off [UNVERIFIED design choice].
         cfg.DISTILL.DENSEKD.FOCAL_GAMMA = 0.0
 
-    def __init__(self, cfg, context):
-        super().__init__(cfg, context)
-        opts = self.options(cfg)
+    @configurable
+    def __init__(
+        self,
+        *,
+        student: nn.Module,
+        teacher: nn.Module,
+        weight: float = 1.0,
+        temperature: float = 1.0,
+        form: str = "kl",
+        normalizer: str = "num_pos",
+        focal_gamma: float = 0.0,
+        teacher_input_scale: float = 1.0,
+    ):
+        super().__init__()
         problems = []
-        if opts.TEMPERATURE <= 0:
-            problems.append(f"TEMPERATURE must be > 0, got {opts.TEMPERATURE}")
-        if opts.FORM not in BINARY_KD_FORMS:
-            problems.append(f"FORM must be one of {list(BINARY_KD_FORMS)}, got '{opts.FORM}'")
-        if opts.NORMALIZER not in NORMALIZERS:
-            problems.append(f"NORMALIZER must be one of {list(NORMALIZERS)}, got '{opts.NORMALIZER}'")
-        if opts.FOCAL_GAMMA < 0:
-            problems.append(f"FOCAL_GAMMA must be >= 0, got {opts.FOCAL_GAMMA}")
+        if temperature <= 0:
+            problems.append(f"TEMPERATURE must be > 0, got {temperature}")
+        if form not in BINARY_KD_FORMS:
+            problems.append(f"FORM must be one of {list(BINARY_KD_FORMS)}, got '{form}'")
+        if normalizer not in NORMALIZERS:
+            problems.append(f"NORMALIZER must be one of {list(NORMALIZERS)}, got '{normalizer}'")
+        if focal_gamma < 0:
+            problems.append(f"FOCAL_GAMMA must be >= 0, got {focal_gamma}")
         if problems:
             raise DistillConfigError("Invalid DISTILL.DENSEKD options: " + "; ".join(problems) + ".")
-        self.weight = opts.WEIGHT
-        self.temperature = opts.TEMPERATURE
-        self.form = opts.FORM
-        self.normalizer = opts.NORMALIZER
-        self.gamma = opts.FOCAL_GAMMA
+        self.weight = weight
+        self.temperature = temperature
+        self.form = form
+        self.normalizer = normalizer
+        self.gamma = focal_gamma
         self.needs_aligned_classes = True
         self._require_dense_outputs(
-            context, cfg.DISTILL.TEACHER.INPUT_SCALE, anchor_labels=self.normalizer == "num_pos"
+            teacher_input_scale=teacher_input_scale,
+            anchor_labels=self.normalizer == "num_pos",
+            student=student,
+            teacher=teacher,
         )
+
+    @classmethod
+    def from_config(cls, cfg, context):
+        opts = cls.options(cfg, context)
+        return {
+            "student": context.student,
+            "teacher": context.teacher,
+            "weight": opts.WEIGHT,
+            "temperature": opts.TEMPERATURE,
+            "form": opts.FORM,
+            "normalizer": opts.NORMALIZER,
+            "focal_gamma": opts.FOCAL_GAMMA,
+            "teacher_input_scale": cfg.DISTILL.TEACHER.INPUT_SCALE,
+        }
 
     def forward(self, student, teacher, step):
         s_logits, _ = self.dense_predictions(student, self.num_classes)

@@ -11,6 +11,7 @@ outputs is the same box in both, so the student's anchor labels index the teache
         def __init__(self, cfg, context):
             super().__init__(cfg, context)
             self._require_dense_outputs(context, cfg.DISTILL.TEACHER.INPUT_SCALE)
+            # or, without a context: self._require_dense_outputs(student=student, teacher=teacher)
         def forward(self, student, teacher, step):
             s_logits, s_deltas = self.dense_predictions(student, self.num_classes)  # (N, R, K), (N, R, 4)
             t_logits, _ = self.dense_predictions(teacher, self.num_classes)
@@ -29,6 +30,7 @@ from detectron2.layers import cat
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
 from ..step import DistillConfigError
+from .base import student_and_teacher
 
 __all__ = ["DenseOutputsMixin", "is_dense_detector"]
 
@@ -53,21 +55,24 @@ def _anchor_grid(generator) -> dict:
 class DenseOutputsMixin:
     """Declares the captures of dense-head heads, checks the two dense heads correspond, reads records."""
 
-    def _require_dense_outputs(self, context, teacher_input_scale: float = 1.0, anchor_labels: bool = True):
+    def _require_dense_outputs(
+        self, context=None, teacher_input_scale: float = 1.0, anchor_labels: bool = True, *, student=None, teacher=None
+    ):
         """
         Check student and teacher are both RetinaNet-style detectors with the same classes,
         levels and anchors, seeing the same resolution; declare the captures: both models'
         ``head`` (and the teacher part ``"dense"``), the student's ``label_anchors`` if
         ``anchor_labels`` (its matching of anchors to ground truth), and both anchor generators.
+        The models: ``student=``, ``teacher=``, or those of a ``BuildContext``.
         """
-        for role, model in (("student", context.student), ("teacher", context.teacher)):
+        student, teacher = student_and_teacher(context, student, teacher)
+        for role, model in (("student", student), ("teacher", teacher)):
             if not is_dense_detector(model):
                 raise DistillConfigError(
                     f"Head '{self.name}' distils the dense (per-anchor) head of one-stage detectors, but the "
                     f"{role} ({type(model).__name__}) has none. Use RetinaNet student and teacher "
                     "(MODEL.META_ARCHITECTURE 'RetinaNet'), or a feature head (e.g. fitnet) for other pairs."
                 )
-        student, teacher = context.student, context.teacher
         if student.num_classes != teacher.num_classes:
             raise DistillConfigError(
                 f"Head '{self.name}' compares class logits anchor by anchor, but the student has "

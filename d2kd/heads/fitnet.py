@@ -1,9 +1,10 @@
 """FitNets hints on FPN levels (Romero et al., ICLR 2015; docs/methods/fitnet.md)."""
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import configurable
 
 from ..losses import feature_mse
-from ..modeling.feature_pairs import add_feature_pairing_config, feature_pairing_from_config
+from ..modeling.feature_pairs import FeaturePairing, add_feature_pairing_config, feature_pairing_from_config
 from .base import DISTILL_HEAD_REGISTRY, DistillHead
 
 __all__ = ["FitNet"]
@@ -21,6 +22,9 @@ class FitNet(DistillHead):
     ``loss_kd_fitnet_<level>``; levels are summed. The original's ½ factor and two-stage
     hint pre-training are not used (docs/methods/fitnet.md: single-stage joint training with a
     mean-reduced MSE is the detection practice).
+
+    Explicit construction: ``FitNet(pairing=FeaturePairing(student, teacher, ["p2", "p3"]),
+    weight=1.0)`` (``FeaturePairing`` holds the regressors ``r``).
     """
 
     @classmethod
@@ -29,14 +33,19 @@ class FitNet(DistillHead):
         cfg.DISTILL.FITNET.WEIGHT = 1.0
         add_feature_pairing_config(cfg.DISTILL.FITNET)
 
-    def __init__(self, cfg, context):
-        super().__init__(cfg, context)
-        opts = self.options(cfg)
-        self.weight = opts.WEIGHT
-        self.pairing = feature_pairing_from_config(opts, context, cfg)
+    @configurable
+    def __init__(self, *, pairing: FeaturePairing, weight: float = 1.0):
+        super().__init__()
+        self.weight = weight
+        self.pairing = pairing
         self.student_modules = list(self.pairing.student_modules)
         self.teacher_modules = list(self.pairing.teacher_modules)
         self.teacher_parts = {"backbone"}
+
+    @classmethod
+    def from_config(cls, cfg, context):
+        opts = cls.options(cfg, context)
+        return {"weight": opts.WEIGHT, "pairing": feature_pairing_from_config(opts, context, cfg)}
 
     def forward(self, student, teacher, step):
         return {

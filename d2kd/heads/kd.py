@@ -2,6 +2,7 @@
 
 import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import configurable
 from torch import nn
 
 from ..losses import kd_kl_div
@@ -27,6 +28,9 @@ class KD(RoILogitsMixin, DistillHead):
     are recomputed from its box-head features with the gradient stopped, so the KD term
     trains only the class-score layer (``box_predictor.cls_score``), not the box head's
     shared FC layers or the backbone that the box regressor also depends on.
+
+    Explicit construction: ``KD(student=student, teacher=teacher, weight=1.0, temperature=1.0)``;
+    the models are checked and read (``CLASSIFIER_ONLY``: the student's ``cls_score``), not kept.
     """
 
     @classmethod
@@ -36,26 +40,45 @@ class KD(RoILogitsMixin, DistillHead):
         cfg.DISTILL.KD.TEMPERATURE = 1.0
         cfg.DISTILL.KD.CLASSIFIER_ONLY = False
 
-    def __init__(self, cfg, context):
-        super().__init__(cfg, context)
-        opts = self.options(cfg)
-        if opts.TEMPERATURE <= 0:
-            raise ValueError(f"DISTILL.KD.TEMPERATURE must be > 0, got {opts.TEMPERATURE}.")
-        self.weight = opts.WEIGHT
-        self.temperature = opts.TEMPERATURE
-        self._require_roi_logits(context)
+    @configurable
+    def __init__(
+        self,
+        *,
+        student: nn.Module,
+        teacher: nn.Module,
+        weight: float = 1.0,
+        temperature: float = 1.0,
+        classifier_only: bool = False,
+    ):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"DISTILL.KD.TEMPERATURE must be > 0, got {temperature}.")
+        self.weight = weight
+        self.temperature = temperature
+        self._require_roi_logits(student=student, teacher=teacher)
         self._student_class_scores = None
-        if opts.CLASSIFIER_ONLY:
-            cls_score = getattr(context.student.roi_heads.box_predictor, "cls_score", None)
+        if classifier_only:
+            cls_score = getattr(student.roi_heads.box_predictor, "cls_score", None)
             if not isinstance(cls_score, nn.Linear):
                 raise DistillConfigError(
                     "DISTILL.KD.CLASSIFIER_ONLY recomputes the student's class scores with its "
                     "box_predictor.cls_score linear layer, which this student "
-                    f"({type(context.student.roi_heads.box_predictor).__name__}) does not have; "
+                    f"({type(student.roi_heads.box_predictor).__name__}) does not have; "
                     "set DISTILL.KD.CLASSIFIER_ONLY False."
                 )
             # A bound method, not a submodule: the head must not own or checkpoint the layer.
             self._student_class_scores = cls_score.forward
+
+    @classmethod
+    def from_config(cls, cfg, context):
+        opts = cls.options(cfg, context)
+        return {
+            "student": context.student,
+            "teacher": context.teacher,
+            "weight": opts.WEIGHT,
+            "temperature": opts.TEMPERATURE,
+            "classifier_only": opts.CLASSIFIER_ONLY,
+        }
 
     def forward(self, student, teacher, step):
         if self._student_class_scores is None:

@@ -15,8 +15,9 @@ import torch
 from detectron2.layers import cat
 
 from ..step import DistillConfigError
+from .base import student_and_teacher
 
-__all__ = ["RPNOutputsMixin", "SampledAnchors", "flatten_dense_predictions"]
+__all__ = ["RPNOutputsMixin", "SampledAnchors", "flatten_dense_predictions", "check_rpn_outputs"]
 
 RPN_HEAD = "proposal_generator.rpn_head"
 SAMPLED_ANCHORS = "proposal_generator.label_and_sample_anchors"
@@ -55,36 +56,10 @@ class SampledAnchors:
 class RPNOutputsMixin:
     """Declares the captures of RPN-level heads, checks the two RPNs correspond, reads records."""
 
-    def _require_rpn_outputs(self, context, teacher_input_scale: float = 1.0):
-        for role, model in (("student", context.student), ("teacher", context.teacher)):
-            rpn = getattr(model, "proposal_generator", None)
-            needed = ("rpn_head", "anchor_generator", "label_and_sample_anchors")
-            if rpn is None or not all(hasattr(rpn, a) for a in needed):
-                raise DistillConfigError(
-                    f"Head '{self.name}' distils the RPN, but the {role} ({type(model).__name__}) has no "
-                    f"Detectron2 RPN (proposal generator: {type(rpn).__name__}). Use two-stage detectors with "
-                    "MODEL.PROPOSAL_GENERATOR.NAME 'RPN', or turn the head's RPN part off."
-                )
-        if teacher_input_scale != 1.0:
-            raise DistillConfigError(
-                f"Head '{self.name}' distils the RPN anchor by anchor, which needs teacher and student "
-                f"to see the same resolution, but DISTILL.TEACHER.INPUT_SCALE is {teacher_input_scale}. "
-                "Set it to 1.0 or turn the head's RPN part off."
-            )
-        s_gen = context.student.proposal_generator.anchor_generator
-        t_gen = context.teacher.proposal_generator.anchor_generator
-        s_desc, t_desc = _anchor_grid(s_gen), _anchor_grid(t_gen)
-        same_cells = len(s_gen.cell_anchors) == len(t_gen.cell_anchors) and all(
-            torch.equal(a.cpu(), b.cpu()) for a, b in zip(s_gen.cell_anchors, t_gen.cell_anchors)
-        )
-        if s_desc != t_desc or not same_cells:
-            raise DistillConfigError(
-                f"Head '{self.name}' compares RPN outputs anchor by anchor, but the anchors differ: "
-                f"student {s_desc}, teacher {t_desc}"
-                f"{'' if same_cells else ', cell anchors (sizes/aspect ratios) differ'}. Give both models the "
-                "same MODEL.ANCHOR_GENERATOR and MODEL.RPN.IN_FEATURES strides (DISTILL.TEACHER.OPTS can "
-                "override the teacher's), or turn the head's RPN part off."
-            )
+    def _require_rpn_outputs(self, context=None, teacher_input_scale: float = 1.0, *, student=None, teacher=None):
+        """Check the two RPNs correspond (anchor by anchor); declare the captures.
+        The models: ``student=``, ``teacher=``, or those of a ``BuildContext``."""
+        check_rpn_outputs(self.name, *student_and_teacher(context, student, teacher), teacher_input_scale)
         self.student_modules.append(RPN_HEAD)
         self.student_methods.append(SAMPLED_ANCHORS)
         self.teacher_modules.append(RPN_HEAD)
@@ -105,6 +80,40 @@ class RPNOutputsMixin:
             anchors=type(anchors[0]).cat(anchors).tensor,
             labels=torch.stack(labels),
             matched_gt_boxes=torch.stack(matched),
+        )
+
+
+def check_rpn_outputs(head_name: str, student, teacher, teacher_input_scale: float = 1.0):
+    """Raise :class:`DistillConfigError` unless both models have Detectron2 RPNs with the same
+    anchors, seeing the same resolution."""
+    for role, model in (("student", student), ("teacher", teacher)):
+        rpn = getattr(model, "proposal_generator", None)
+        needed = ("rpn_head", "anchor_generator", "label_and_sample_anchors")
+        if rpn is None or not all(hasattr(rpn, a) for a in needed):
+            raise DistillConfigError(
+                f"Head '{head_name}' distils the RPN, but the {role} ({type(model).__name__}) has no "
+                f"Detectron2 RPN (proposal generator: {type(rpn).__name__}). Use two-stage detectors with "
+                "MODEL.PROPOSAL_GENERATOR.NAME 'RPN', or turn the head's RPN part off."
+            )
+    if teacher_input_scale != 1.0:
+        raise DistillConfigError(
+            f"Head '{head_name}' distils the RPN anchor by anchor, which needs teacher and student "
+            f"to see the same resolution, but DISTILL.TEACHER.INPUT_SCALE is {teacher_input_scale}. "
+            "Set it to 1.0 or turn the head's RPN part off."
+        )
+    s_gen = student.proposal_generator.anchor_generator
+    t_gen = teacher.proposal_generator.anchor_generator
+    s_desc, t_desc = _anchor_grid(s_gen), _anchor_grid(t_gen)
+    same_cells = len(s_gen.cell_anchors) == len(t_gen.cell_anchors) and all(
+        torch.equal(a.cpu(), b.cpu()) for a, b in zip(s_gen.cell_anchors, t_gen.cell_anchors)
+    )
+    if s_desc != t_desc or not same_cells:
+        raise DistillConfigError(
+            f"Head '{head_name}' compares RPN outputs anchor by anchor, but the anchors differ: "
+            f"student {s_desc}, teacher {t_desc}"
+            f"{'' if same_cells else ', cell anchors (sizes/aspect ratios) differ'}. Give both models the "
+            "same MODEL.ANCHOR_GENERATOR and MODEL.RPN.IN_FEATURES strides (DISTILL.TEACHER.OPTS can "
+            "override the teacher's), or turn the head's RPN part off."
         )
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..losses.precision import match_parameter_dtype
+
 __all__ = ["FeatureAdapter"]
 
 
@@ -57,8 +59,9 @@ class FeatureAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         if self.conv is not None:
-            # Adapters stay in fp32 parameters; follow the input dtype under autocast.
-            x = self.conv(x)
+            # fp32 parameters: under autocast the conv runs in the autocast dtype; outside it a
+            # reduced-precision input is cast to the parameters' dtype.
+            x = self.conv(match_parameter_dtype(x, self.conv.weight))
             if self.relu:
                 x = F.relu(x)
         if size is not None and tuple(x.shape[-2:]) != tuple(size):

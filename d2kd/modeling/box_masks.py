@@ -2,9 +2,13 @@
 Box-level geometry on feature maps, shared by the heads that weight features by objects
 (FGFI, DeFeat, FGD, Global Knowledge, HGD).
 
-- Box-to-level rule (the FPN level rule, Lin et al. 2017, Eq. 1): ``lvl = floor(4 + log2(sqrt(area) / 224))`` clamped to
-  the available levels, Detectron2's ``assign_boxes_to_levels``; equivalent to mmdet's
-  ``map_roi_levels`` (finest_scale 56).
+- Box-to-level rule (the FPN level rule, Lin et al. 2017, Eq. 1):
+  ``lvl = floor(4 + log2(sqrt(area) / canonical))`` clamped to the available levels. On a
+  two-stage detector ``canonical`` is 224 (Detectron2's ``assign_boxes_to_levels``, mmdet's
+  ``map_roi_levels`` with finest_scale 56: under 112 px -> P2 or the finest level). On a
+  one-stage detector, whose levels start at P3, the official DeFeat and Global Knowledge
+  one-stage codes count levels from the first one: under 112 px -> P3, 112-224 -> P4,
+  224-448 -> P5, ..., which is ``canonical`` 112 (:func:`canonical_box_size_for`).
 - Box windows on a stride-``s`` map (``convention``), end-exclusive, clipped to the map, and
   never empty:
 
@@ -25,6 +29,9 @@ import torch.nn.functional as F
 
 __all__ = [
     "assign_boxes_to_levels",
+    "canonical_box_size_for",
+    "ONE_STAGE_CANONICAL_BOX_SIZE",
+    "TWO_STAGE_CANONICAL_BOX_SIZE",
     "box_windows",
     "box_mask",
     "box_value_mask",
@@ -36,6 +43,17 @@ __all__ = [
 ]
 
 WINDOW_CONVENTIONS = ("inclusive", "exclusive", "outward")
+
+# Box size (px) assigned to level 4 by the box-to-level rule, per detector kind.
+TWO_STAGE_CANONICAL_BOX_SIZE = 224
+ONE_STAGE_CANONICAL_BOX_SIZE = 112
+
+
+def canonical_box_size_for(one_stage: bool, configured: float = 0) -> float:
+    """``configured`` when > 0, else the rule of the detector kind (module docstring)."""
+    if configured and configured > 0:
+        return float(configured)
+    return float(ONE_STAGE_CANONICAL_BOX_SIZE if one_stage else TWO_STAGE_CANONICAL_BOX_SIZE)
 
 
 def assign_boxes_to_levels(

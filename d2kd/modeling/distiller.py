@@ -2,12 +2,12 @@
 The module the trainer optimises: the student plus the distillation heads.
 
 The teacher is held by reference and is **not** a submodule, so it is not in the
-state_dict, the optimizer or the DDP wrapper, and ``train()`` never reaches it (design
-lesson 1). In eval mode the module is exactly the student.
+state_dict, the optimizer or the DDP wrapper, and ``train()`` never reaches it. In eval
+mode the module is exactly the student.
 """
 
 import logging
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.utils.events import get_event_storage
@@ -15,6 +15,7 @@ from torch import nn
 
 from ..capture import Recorder
 from ..step import StepInputs
+from .loss_balance import LossBalance
 from .schedule import DistillSchedule
 from .teacher import TeacherRunner
 
@@ -31,6 +32,13 @@ class DistillationModel(nn.Module):
         heads: the distillation heads (their trainable parts are submodules).
         schedule: maps the iteration to a factor on every distillation term.
         teacher_input_scale: the teacher's input resolution relative to the student's.
+        loss_balance: one multiplier per head (``DISTILL.LOSS_BALANCE``); None: the paper weights.
+        teacher_precision: ``DISTILL.TEACHER.PRECISION``: the teacher's forward precision
+            ("" follows the step); the heads receive fp32 teacher records either way.
+
+    Under mixed precision (``SOLVER.AMP``) the whole forward, heads included, runs in the
+    trainer's autocast: student records are reduced precision, teacher records fp32, and the
+    heads compute their softmaxes, divergences, norms and normalisers in fp32.
     """
 
     def __init__(
@@ -40,11 +48,14 @@ class DistillationModel(nn.Module):
         heads: nn.ModuleDict,
         schedule: DistillSchedule,
         teacher_input_scale: float = 1.0,
+        loss_balance: Optional[LossBalance] = None,
+        teacher_precision: str = "",
     ):
         super().__init__()
         self.student = student
         self.heads = heads
         self.schedule = schedule
+        self.loss_balance = loss_balance
         object.__setattr__(self, "teacher", teacher)  # not registered as a submodule
 
         student_modules = sorted({m for h in heads.values() for m in h.student_modules})
@@ -55,7 +66,7 @@ class DistillationModel(nn.Module):
         self.student_recorder = Recorder(student, student_modules, student_methods, role="student")
         self.teacher_recorder = Recorder(teacher, teacher_modules, teacher_methods, role="teacher")
         self.teacher_runner = TeacherRunner(
-            teacher, teacher_parts, self.teacher_recorder, student.input_format, teacher_input_scale
+            teacher, teacher_parts, self.teacher_recorder, student.input_format, teacher_input_scale, teacher_precision
         )
         logger.info(
             f"Distillation heads {list(heads.keys())}; student captures {student_modules + student_methods}; "
@@ -92,10 +103,28 @@ class DistillationModel(nn.Module):
             teacher_images=teacher_images,
             iteration=iteration,
         )
-        for head_name, head in self.heads.items():
-            for term, value in head(student_records, teacher_records, step).items():
-                losses[_loss_key(head_name, term)] = value * factor
+        head_terms = {name: head(student_records, teacher_records, step) for name, head in self.heads.items()}
+        multipliers = self._balance(head_terms, losses)
+        for head_name, terms in head_terms.items():
+            for term, value in terms.items():
+                losses[_loss_key(head_name, term)] = value * (factor * multipliers.get(head_name, 1.0))
         return losses
+
+    def _balance(self, head_terms, detector_losses) -> Dict[str, float]:
+        """The heads' multipliers (``DISTILL.LOSS_BALANCE``), measuring while they are not fixed yet."""
+        if self.loss_balance is None or self.loss_balance.mode == "off":
+            return {}
+        if self.loss_balance.observe(head_terms, detector_losses):
+            logger.info(
+                f"Loss balance fixed after {self.loss_balance.measure_iters} iterations with distillation on "
+                f"(target {self.loss_balance.target} x the detector loss): multipliers {self.loss_balance.as_dict()}."
+            )
+        multipliers = self.loss_balance.as_dict()
+        try:
+            get_event_storage().put_scalars(**{f"loss_balance/{k}": v for k, v in multipliers.items()}, smoothing_hint=False)
+        except AssertionError:  # outside a trainer
+            pass
+        return multipliers
 
     def _inactive_terms(self) -> Dict[str, torch.Tensor]:
         """

@@ -60,6 +60,10 @@ class FeaturePairing(nn.Module):
         # Input pixels (of the student's image) per cell: the student map, and the teacher map
         # on which the pair's loss is computed (what box masks are drawn on).
         self.student_strides = {n: s_shapes[n].stride for n in student_features}
+        # The reported shapes of each pair (keyed by the student name), for heads sizing modules.
+        self.student_channels = {n: s_shapes[n].channels for n in student_features}
+        self.teacher_channels = {n: t_shapes[t].channels for n, t in self.teacher_names.items()}
+        self.teacher_strides = {n: t_shapes[t].stride for n, t in self.teacher_names.items()}  # teacher's pixels
         self.target_strides = {
             n: t_shapes[t].stride / teacher_input_scale for n, t in self.teacher_names.items()
         }
@@ -145,11 +149,12 @@ class FeaturePairing(nn.Module):
         return tuple(max(1, int(round(n * cells))) for n in student_hw)
 
 
-def add_feature_pairing_config(node, in_features=("p2", "p3", "p4", "p5", "p6"), kernel_size=1, init_std=0.0, relu=False):
+def add_feature_pairing_config(node, in_features=(), kernel_size=1, init_std=0.0, relu=False):
     """
     Add the options of a :class:`FeaturePairing` to a head's config node:
-    ``IN_FEATURES``, ``TEACHER_FEATURES`` (empty: same names) and ``ADAPTER.{ENABLED,
-    KERNEL_SIZE, INIT_STD (0 = PyTorch default), RELU}``.
+    ``IN_FEATURES`` (empty: the levels the student's detector reads, filled in when the head is
+    built: ``DistillHead.options(cfg, context)``), ``TEACHER_FEATURES`` (empty: same names) and
+    ``ADAPTER.{ENABLED, KERNEL_SIZE, INIT_STD (0 = PyTorch default), RELU}``.
     """
     from detectron2.config import CfgNode as CN
 

@@ -3,16 +3,17 @@ The teacher: built from its own Detectron2 config, loaded strictly, frozen, and 
 far as the heads need.
 """
 
+import contextlib
 import logging
 import os
-from typing import Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 import torch
 import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, ImageList
+from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
 from ..capture import Recorder, Records
@@ -24,8 +25,13 @@ __all__ = [
     "load_teacher_weights",
     "load_reporting_mismatches",
     "format_mismatches",
+    "read_checkpoint_file",
     "TeacherRunner",
+    "TEACHER_PRECISIONS",
+    "teacher_autocast",
+    "cast_floating",
     "TeacherWeightsError",
+    "CheckpointFileError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -33,6 +39,28 @@ logger = logging.getLogger(__name__)
 
 class TeacherWeightsError(RuntimeError):
     """The teacher's weights are missing or do not match its architecture."""
+
+
+class CheckpointFileError(RuntimeError):
+    """A weights or checkpoint file exists but cannot be read (truncated, empty, not a checkpoint)."""
+
+
+def read_checkpoint_file(read, path: str, option: str, advice: Optional[Callable[[], str]] = None):
+    """
+    ``read(path)`` (a checkpointer's ``_load_file``). A file that cannot be read (torch's
+    ``PytorchStreamReader failed``, ``EOFError``, an unpickling error...) raises
+    :class:`CheckpointFileError` naming ``path``, the config key or role ``option`` it came from
+    (e.g. ``"DISTILL.TEACHER.WEIGHTS"``) and what to do: ``advice()`` if given (called only
+    then), else to copy the file again or set ``option`` to another one.
+    """
+    try:
+        return read(path)
+    except Exception as e:
+        raise CheckpointFileError(
+            f"{option} {path} cannot be read as a checkpoint ({type(e).__name__}: {e}). The file is damaged "
+            "(truncated by an interrupted copy or a full disk, empty) or not a PyTorch/Detectron2 checkpoint. "
+            + (advice() if advice else f"Copy the file again or set {option} to another checkpoint.")
+        ) from e
 
 
 def build_teacher_cfg(cfg: CfgNode) -> CfgNode:
@@ -68,7 +96,7 @@ def load_teacher_weights(teacher: nn.Module, weights: str, strict: bool = True):
             f"Teacher weights file not found: {weights}. Set DISTILL.TEACHER.WEIGHTS to a trained "
             "teacher checkpoint (e.g. output/<teacher>/model_final.pth)."
         )
-    problems = load_reporting_mismatches(teacher, weights)
+    problems = load_reporting_mismatches(teacher, weights, option="DISTILL.TEACHER.WEIGHTS")
     if problems:
         message = (
             f"Teacher weights {weights} do not match the teacher architecture: {format_mismatches(problems)}. Check "
@@ -79,13 +107,15 @@ def load_teacher_weights(teacher: nn.Module, weights: str, strict: bool = True):
         logger.warning(message + " (partial loading allowed by DISTILL.TEACHER.STRICT_LOAD False).")
 
 
-def load_reporting_mismatches(model: nn.Module, weights: str) -> Dict[str, List[str]]:
+def load_reporting_mismatches(model: nn.Module, weights: str, option: str = "Weights file") -> Dict[str, List[str]]:
     """
     Load ``weights`` into ``model`` with Detectron2's checkpointer (which loads what fits) and
     return what did not fit: ``{"missing" | "unexpected" | "wrong shape": [keys]}``, only the
     non-empty kinds. The strict checks of the teacher and of the tools' students build on it.
+    An unreadable file raises :class:`CheckpointFileError` naming ``option`` (its config key).
     """
     checkpointer = _ReportingCheckpointer(model)
+    checkpointer.option = option
     checkpointer.load(weights)
     incompatible = checkpointer.incompatible
     problems = {
@@ -102,9 +132,14 @@ def format_mismatches(problems: Dict[str, List[str]]) -> str:
 
 
 class _ReportingCheckpointer(DetectionCheckpointer):
-    """Keeps the missing/unexpected/mis-shaped keys of the last load for the strict check."""
+    """Keeps the missing/unexpected/mis-shaped keys of the last load for the strict check;
+    an unreadable file is an error naming ``option``."""
 
     incompatible = None
+    option = "Weights file"
+
+    def _load_file(self, f):
+        return read_checkpoint_file(super()._load_file, f, self.option)
 
     def _load_model(self, checkpoint):
         self.incompatible = super()._load_model(checkpoint)
@@ -124,10 +159,76 @@ def build_teacher(cfg: CfgNode) -> nn.Module:
     return teacher
 
 
+# DISTILL.TEACHER.PRECISION -> the teacher's autocast dtype ("": the step's own precision).
+TEACHER_PRECISIONS = {
+    "": None,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def teacher_autocast(precision: str, device_type: str):
+    """
+    The context the teacher's forward runs in for ``DISTILL.TEACHER.PRECISION``: the step's
+    own (``""``), autocast off (``"fp32"``), or autocast in bf16 / fp16 on ``device_type``.
+    """
+    key = str(precision).strip().lower()
+    if key not in TEACHER_PRECISIONS:
+        raise ValueError(
+            f"DISTILL.TEACHER.PRECISION {precision!r} is not a precision; choose one of "
+            f"{sorted(k for k in TEACHER_PRECISIONS if k)} or \"\" (the training step's)."
+        )
+    dtype = TEACHER_PRECISIONS[key]
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype == torch.float32:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype)
+
+
+def cast_floating(obj: Any, dtype: torch.dtype = torch.float32) -> Any:
+    """
+    ``obj`` with every floating tensor in it cast to ``dtype`` (tensors, dicts, lists, tuples,
+    ``Boxes``, ``Instances``, ``ImageList``); other values are returned as they are. Casting a
+    tensor already of ``dtype`` returns it (no copy).
+    """
+    if torch.is_tensor(obj):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, dict):
+        return type(obj)((k, cast_floating(v, dtype)) for k, v in obj.items())
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(cast_floating(v, dtype) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cast_floating(v, dtype) for v in obj)
+    if isinstance(obj, Boxes):
+        return type(obj)(cast_floating(obj.tensor, dtype))
+    if isinstance(obj, ImageList):
+        return ImageList(cast_floating(obj.tensor, dtype), obj.image_sizes)
+    if isinstance(obj, Instances):
+        out = Instances(obj.image_size)
+        for k, v in obj.get_fields().items():
+            out.set(k, cast_floating(v, dtype))
+        return out
+    return obj
+
+
+def _records_to_float32(records: Records) -> Records:
+    """The teacher's records with their floating tensors in fp32 (what every head expects)."""
+    data = records._data  # Records has no public iteration; it is d2kd's own type
+    return Records({k: [cast_floating(entry, torch.float32) for entry in entries] for k, entries in data.items()})
+
+
 class TeacherRunner:
     """
     Runs only the teacher parts the heads need, under ``no_grad`` and in eval mode, on the
     same batch as the student, with the teacher's own pixel mean/std and channel order.
+
+    The forward runs in ``precision`` (``DISTILL.TEACHER.PRECISION``, :func:`teacher_autocast`);
+    whatever it ran in, the records handed to the heads hold fp32 tensors.
 
     Args:
         teacher: the frozen teacher.
@@ -135,9 +236,18 @@ class TeacherRunner:
         recorder: the teacher's recorder (hooks on the modules the heads read).
         student_input_format: the channel order of ``batched_inputs["image"]``.
         input_scale: teacher input resolution / student input resolution.
+        precision: ``DISTILL.TEACHER.PRECISION`` ("" | "fp32" | "bf16" | "fp16").
     """
 
-    def __init__(self, teacher: nn.Module, parts: Set[str], recorder: Recorder, student_input_format: str, input_scale: float = 1.0):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        parts: Set[str],
+        recorder: Recorder,
+        student_input_format: str,
+        input_scale: float = 1.0,
+        precision: str = "",
+    ):
         self.teacher = teacher
         self.parts = set(parts)
         if self.parts & {"rpn", "roi_box", "dense"}:
@@ -145,6 +255,8 @@ class TeacherRunner:
         self.recorder = recorder
         self.flip_channels = _needs_channel_flip(student_input_format, getattr(teacher, "input_format", student_input_format))
         self.input_scale = float(input_scale)
+        teacher_autocast(precision, "cpu")  # validates the option at build time
+        self.precision = precision
 
     @property
     def needs_student_records(self) -> bool:
@@ -177,7 +289,7 @@ class TeacherRunner:
         teacher = self.teacher
         teacher.eval()  # re-applied every step: a trainer's train() must never reach it
         images = self.preprocess(batched_inputs)
-        with self.recorder.recording():
+        with self.recorder.recording(), teacher_autocast(self.precision, images.tensor.device.type):
             features = teacher.backbone(images.tensor)
             if "rpn" in self.parts:
                 rpn = teacher.proposal_generator
@@ -188,7 +300,7 @@ class TeacherRunner:
                 self._run_box_head_on_student_proposals(features, student_records)
             if "dense" in self.parts:
                 self._run_dense_head(features)
-        return self.recorder.pop(), images
+        return _records_to_float32(self.recorder.pop()), images
 
     def _run_dense_head(self, features):
         """A one-stage teacher (RetinaNet): its dense head and anchors, no decoding or NMS."""

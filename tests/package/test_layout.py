@@ -196,3 +196,44 @@ def test_config_options_of_heads_come_from_registration():
         from d2kd.config import defaults
 
         defaults._CONFIG_EXTENSIONS.remove(LayoutProbeHead.add_config)
+
+
+REPO = os.path.dirname(PACKAGE)
+
+
+def _repository_text_files():
+    for top in ("d2kd", "configs", "docs", "tests", "tools", "benchmarks"):
+        for folder, _, files in os.walk(os.path.join(REPO, top)):
+            for name in files:
+                if name.endswith((".py", ".md", ".yaml", ".cfg")) and "results" not in folder:
+                    yield os.path.join(folder, name)
+    for name in ("README.md", "train_net.py", "setup.cfg", "Makefile"):
+        yield os.path.join(REPO, name)
+
+
+def test_no_citation_of_documents_outside_the_repository():
+    import re
+
+    pattern = re.compile(r"(?<![\w/])methods\.md|[Dd]esign lessons? \d|\b[Ii]ssue #?\d+")
+    this_file = os.path.abspath(__file__)
+    hits = []
+    for path in _repository_text_files():
+        if os.path.abspath(path) == this_file:
+            continue
+        for number, line in enumerate(open(path, encoding="utf-8"), 1):
+            if pattern.search(line):
+                hits.append(f"{os.path.relpath(path, REPO)}:{number}: {line.strip()[:100]}")
+    assert not hits, "\n".join(hits)
+
+
+def test_readme_is_short_and_its_method_documents_exist():
+    import re
+
+    readme = os.path.join(REPO, "README.md")
+    assert os.path.getsize(readme) <= 15000
+    links = re.findall(r"\]\((docs/[^)#]+)", open(readme, encoding="utf-8").read())
+    assert any(link.startswith("docs/methods/") for link in links)
+    missing = [link for link in links if not os.path.exists(os.path.join(REPO, link))]
+    assert not missing, missing
+    heads = {"chen2017", "fitnet", "kd", "fgfi", "defeat", "fgd", "cwd", "fbkd", "gkd", "hgd", "dense_kd", "inherit"}
+    assert heads <= {name[:-3] for name in os.listdir(os.path.join(REPO, "docs", "methods"))}

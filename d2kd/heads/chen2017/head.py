@@ -3,10 +3,14 @@ Chen et al., NIPS 2017, "Learning Efficient Object Detection Models with Knowled
 Distillation" (docs/methods/chen2017.md), on Detectron2's Faster R-CNN + FPN.
 """
 
+from typing import Optional, Sequence
+
 import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
+from detectron2.config import configurable
 from detectron2.layers import cat
+from torch import nn
 
 from ...losses import feature_mse
 from .bounded_regression import REGRESSION_NORMS, regression_distance, teacher_bounded_regression
@@ -15,10 +19,10 @@ from .weighted_soft_ce import (
     binary_weighted_soft_cross_entropy,
     weighted_soft_cross_entropy,
 )
-from ...modeling.feature_pairs import add_feature_pairing_config, feature_pairing_from_config
+from ...modeling.feature_pairs import FeaturePairing, add_feature_pairing_config, feature_pairing_from_config
 from ..base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
-from ..roi_logits import RoILogitsMixin
-from ..rpn_outputs import RPNOutputsMixin
+from ..roi_logits import RoILogitsMixin, check_roi_logits
+from ..rpn_outputs import RPNOutputsMixin, check_rpn_outputs
 
 __all__ = ["Chen2017"]
 
@@ -72,7 +76,14 @@ class Chen2017(RPNOutputsMixin, RoILogitsMixin, DistillHead):
     0, a pure bound) [UNVERIFIED: not given in the paper; m is in delta units, and Detectron2's
     RoI deltas are scaled by (10, 10, 5, 5), so the same m is ~10x looser in the RCN].
     Published: ``lambda = 1``, ``gamma = 0.5``, ``nu = 0.5``, ``w_bg = 1.5``, ``T = 1``.
+
+    Explicit construction: ``Chen2017(student=student, teacher=teacher, stages=("rpn", "rcn"),
+    hint_pairing=FeaturePairing(student, teacher, ["p2", "p3"]))``; ``hint_pairing=None`` turns
+    HINT off. The models are checked and read (RPN / box predictor settings), not kept.
     """
+
+    # An empty IN_FEATURES means the RoI heads' levels (p2..p5 on an FPN Faster R-CNN).
+    LEVEL_SOURCE = "roi"
 
     @classmethod
     def add_config(cls, cfg):
@@ -103,40 +114,143 @@ class Chen2017(RPNOutputsMixin, RoILogitsMixin, DistillHead):
         # gamma (Eq. 1), chosen in the paper for an unnormalised single-map L2: tune for FPN.
         _C.HINT.GAMMA = 0.5
         # P6 is a max-pool of P5, redundant as a hint (docs/methods/chen2017.md).
-        add_feature_pairing_config(_C.HINT, in_features=("p2", "p3", "p4", "p5"))
+        add_feature_pairing_config(_C.HINT)
 
-    def __init__(self, cfg, context):
-        super().__init__(cfg, context)
-        opts = self.options(cfg)
+    @configurable
+    def __init__(
+        self,
+        *,
+        student: nn.Module,
+        teacher: nn.Module,
+        stages: Sequence[str] = STAGES,
+        cls_enabled: bool = True,
+        mu: float = 0.5,
+        temperature: float = 1.0,
+        bg_weight: float = 1.5,
+        reg_enabled: bool = True,
+        reg_mode: str = "bounded",
+        reg_norm: str = "l2",
+        reg_lambda: float = 1.0,
+        reg_nu: float = 0.5,
+        margin_rpn: float = 0.0,
+        margin_rcn: float = 0.0,
+        hint_pairing: Optional[FeaturePairing] = None,
+        gamma: float = 0.5,
+        teacher_input_scale: float = 1.0,
+    ):
+        super().__init__()
         key = f"DISTILL.{self.config_key()}"
-        self._validate(opts, key)
-        self.stages = tuple(s for s in STAGES if s in opts.STAGES)
-        self.cls_enabled = opts.CLS.ENABLED and bool(self.stages)
-        self.reg_enabled = opts.REG.ENABLED and bool(self.stages)
-        self.hint_enabled = opts.HINT.ENABLED
-        self.mu = opts.CLS.MU
-        self.temperature = opts.CLS.TEMPERATURE
-        self.bg_weight = opts.CLS.BG_WEIGHT
-        self.reg_mode = opts.REG.MODE
-        self.reg_norm = opts.REG.NORM
-        self.reg_weight = opts.REG.LAMBDA * opts.REG.NU
-        self.margins = {"rpn": opts.REG.MARGIN_RPN, "rcn": opts.REG.MARGIN_RCN}
+        self._validate(
+            CN(
+                {
+                    "STAGES": list(stages),
+                    "CLS": CN({"ENABLED": cls_enabled, "MU": mu, "TEMPERATURE": temperature, "BG_WEIGHT": bg_weight}),
+                    "REG": CN(
+                        {
+                            "ENABLED": reg_enabled,
+                            "MODE": reg_mode,
+                            "NORM": reg_norm,
+                            "LAMBDA": reg_lambda,
+                            "NU": reg_nu,
+                            "MARGIN_RPN": margin_rpn,
+                            "MARGIN_RCN": margin_rcn,
+                        }
+                    ),
+                    "HINT": CN({"ENABLED": hint_pairing is not None, "GAMMA": gamma}),
+                }
+            ),
+            key,
+        )
+        self.stages = tuple(s for s in STAGES if s in stages)
+        self.cls_enabled = cls_enabled and bool(self.stages)
+        self.reg_enabled = reg_enabled and bool(self.stages)
+        self.hint_enabled = hint_pairing is not None
+        self.mu = mu
+        self.temperature = temperature
+        self.bg_weight = bg_weight
+        self.reg_mode = reg_mode
+        self.reg_norm = reg_norm
+        self.reg_weight = reg_lambda * reg_nu
+        self.margins = {"rpn": margin_rpn, "rcn": margin_rcn}
 
-        student, teacher = context.student, context.teacher
+        self._check_models(
+            self.name, key, student, teacher, self.stages, self.cls_enabled, self.reg_enabled, teacher_input_scale
+        )
         uses_outputs = self.cls_enabled or self.reg_enabled
         if uses_outputs and "rpn" in self.stages:
-            self._require_rpn_outputs(context, cfg.DISTILL.TEACHER.INPUT_SCALE)
+            self._require_rpn_outputs(teacher_input_scale=teacher_input_scale, student=student, teacher=teacher)
             rpn = student.proposal_generator
             self.rpn_normalizer_per_image = rpn.batch_size_per_image
             self.rpn_cls_weight = rpn.loss_weight.get("loss_rpn_cls", 1.0)
             self.rpn_transform = rpn.box2box_transform
             self.rpn_box_dim = rpn.anchor_generator.box_dim
-            if self.reg_enabled:
-                _check_same_transform(self, "RPN", rpn, teacher.proposal_generator, "MODEL.RPN.BBOX_REG_WEIGHTS")
         if uses_outputs and "rcn" in self.stages:
-            self._require_roi_logits(context)
+            self._require_roi_logits(student=student, teacher=teacher)
             predictor = student.roi_heads.box_predictor
-            if self.cls_enabled:
+            self.num_classes = student.roi_heads.num_classes
+            loss_weight = predictor.loss_weight
+            self.rcn_cls_weight = loss_weight.get("loss_cls", 1.0) if isinstance(loss_weight, dict) else loss_weight
+            self.rcn_transform = predictor.box2box_transform
+        self.pairing = None
+        if self.hint_enabled:
+            self.pairing = hint_pairing
+            self.student_modules += list(self.pairing.student_modules)
+            self.teacher_modules += list(self.pairing.teacher_modules)
+            self.teacher_parts.add("backbone")
+        self.gamma = gamma
+
+    @classmethod
+    def from_config(cls, cfg, context):
+        opts = cls.options(cfg, context)
+        key = f"DISTILL.{cls.config_key()}"
+        cls._validate(opts, key)
+        scale = cfg.DISTILL.TEACHER.INPUT_SCALE
+        # The models are checked before the hint adapters are built, so a detector without an
+        # RPN / box head is reported as such rather than as a missing hint feature.
+        stages = tuple(s for s in STAGES if s in opts.STAGES)
+        cls._check_models(
+            cls.registry_name(),
+            key,
+            context.student,
+            context.teacher,
+            stages,
+            opts.CLS.ENABLED and bool(stages),
+            opts.REG.ENABLED and bool(stages),
+            scale,
+        )
+        return {
+            "student": context.student,
+            "teacher": context.teacher,
+            "stages": list(opts.STAGES),
+            "cls_enabled": opts.CLS.ENABLED,
+            "mu": opts.CLS.MU,
+            "temperature": opts.CLS.TEMPERATURE,
+            "bg_weight": opts.CLS.BG_WEIGHT,
+            "reg_enabled": opts.REG.ENABLED,
+            "reg_mode": opts.REG.MODE,
+            "reg_norm": opts.REG.NORM,
+            "reg_lambda": opts.REG.LAMBDA,
+            "reg_nu": opts.REG.NU,
+            "margin_rpn": opts.REG.MARGIN_RPN,
+            "margin_rcn": opts.REG.MARGIN_RCN,
+            "hint_pairing": feature_pairing_from_config(opts.HINT, context, cfg) if opts.HINT.ENABLED else None,
+            "gamma": opts.HINT.GAMMA,
+            "teacher_input_scale": scale,
+        }
+
+    @staticmethod
+    def _check_models(name, key, student, teacher, stages, cls_enabled, reg_enabled, teacher_input_scale):
+        """The checks of the RPN / RCN parts on the two models, in build order."""
+        uses_outputs = cls_enabled or reg_enabled
+        if uses_outputs and "rpn" in stages:
+            check_rpn_outputs(name, student, teacher, teacher_input_scale)
+            if reg_enabled:
+                _check_same_transform(
+                    name, "RPN", student.proposal_generator, teacher.proposal_generator, "MODEL.RPN.BBOX_REG_WEIGHTS"
+                )
+        if uses_outputs and "rcn" in stages:
+            check_roi_logits(name, student, teacher)
+            if cls_enabled:
                 for role, model in (("student", student), ("teacher", teacher)):
                     if getattr(model.roi_heads.box_predictor, "use_sigmoid_ce", False):
                         raise DistillConfigError(
@@ -144,21 +258,14 @@ class Chen2017(RPNOutputsMixin, RoILogitsMixin, DistillHead):
                             "sigmoid cross entropy (MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE). Set it False, or "
                             f"remove 'rcn' from {key}.STAGES / set {key}.CLS.ENABLED False."
                         )
-            self.num_classes = student.roi_heads.num_classes
-            loss_weight = predictor.loss_weight
-            self.rcn_cls_weight = loss_weight.get("loss_cls", 1.0) if isinstance(loss_weight, dict) else loss_weight
-            self.rcn_transform = predictor.box2box_transform
-            if self.reg_enabled:
+            if reg_enabled:
                 _check_same_transform(
-                    self, "RoI box", predictor, teacher.roi_heads.box_predictor, "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS"
+                    name,
+                    "RoI box",
+                    student.roi_heads.box_predictor,
+                    teacher.roi_heads.box_predictor,
+                    "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS",
                 )
-        self.pairing = None
-        if self.hint_enabled:
-            self.pairing = feature_pairing_from_config(opts.HINT, context, cfg)
-            self.student_modules += list(self.pairing.student_modules)
-            self.teacher_modules += list(self.pairing.teacher_modules)
-            self.teacher_parts.add("backbone")
-        self.gamma = opts.HINT.GAMMA
 
     @staticmethod
     def _validate(opts, key):
@@ -272,11 +379,11 @@ def _class_deltas(deltas: torch.Tensor, classes: torch.Tensor, box_dim: int = 4)
     return deltas.view(deltas.shape[0], deltas.shape[1] // box_dim, box_dim)[rows, classes]
 
 
-def _check_same_transform(head, what, student_module, teacher_module, option):
+def _check_same_transform(head_name, what, student_module, teacher_module, option):
     s_weights = tuple(student_module.box2box_transform.weights)
     t_weights = tuple(teacher_module.box2box_transform.weights)
     if s_weights != t_weights:
         raise DistillConfigError(
-            f"Head '{head.name}' compares {what} deltas, but the student encodes them with weights {s_weights} "
+            f"Head '{head_name}' compares {what} deltas, but the student encodes them with weights {s_weights} "
             f"and the teacher with {t_weights}. Use the same {option} in both configs, or turn REG off."
         )

@@ -5,16 +5,16 @@ with Feature-based Knowledge Distillation: Towards Accurate and Efficient Detect
 docs/methods/fbkd.md.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import configurable
 from torch import nn
 
-from ...capture import feature_shapes
 from ...modeling.adapters import FeatureAdapter
 from ...modeling.attention import channel_attention, channel_softmax_mask, spatial_attention, spatial_softmax_mask
-from ...modeling.feature_pairs import add_feature_pairing_config, feature_pairing_from_config
+from ...modeling.feature_pairs import FeaturePairing, add_feature_pairing_config, feature_pairing_from_config
 from .non_local import NON_LOCAL_NORMS, NonLocalBlock
 from ..base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
 
@@ -147,6 +147,10 @@ class FBKD(DistillHead):
     ``AT.ENABLED``, ``AM.ENABLED`` and ``NLD.ENABLED`` switch the components (ablations "AGD
     only" = NLD off, "NLD only" = AT and AM off); modules of a disabled component are not
     built, so every registered parameter receives a gradient.
+
+    Explicit construction: ``FBKD(pairing=FeaturePairing(student, teacher, ["p2", "p3"]),
+    form="code")`` (the pairing's adapters are ``f``; the other modules are sized from its
+    channels and strides).
     """
 
     @classmethod
@@ -179,44 +183,84 @@ class FBKD(DistillHead):
         # Norm after W_z, zero-initialised: "GN" (groups = gcd(32, C)), "BN", "SyncBN" or "".
         node.NLD.NORM = "GN"
 
-    def __init__(self, cfg, context):
-        super().__init__(cfg, context)
-        opts = self.options(cfg)
-        self.form = opts.FORM
-        self.at_enabled, self.am_enabled, self.nld_enabled = opts.AT.ENABLED, opts.AM.ENABLED, opts.NLD.ENABLED
-        self.spatial_temperature = opts.SPATIAL_TEMPERATURE
-        self.channel_temperature = opts.CHANNEL_TEMPERATURE
-        self.channel_mask = opts.CHANNEL_MASK
-        self.paper_distance = opts.PAPER_DISTANCE
-        self.at_channel_weight, self.at_spatial_weight = opts.AT.CHANNEL_WEIGHT, opts.AT.SPATIAL_WEIGHT
-        self.am_weight, self.nld_weight = opts.AM.WEIGHT, opts.NLD.WEIGHT
-        self._validate_options(opts)
+    @configurable
+    def __init__(
+        self,
+        *,
+        pairing: FeaturePairing,
+        form: str = "code",
+        spatial_temperature: float = 0.5,
+        channel_temperature: float = 0.5,
+        channel_mask: bool = False,
+        paper_distance: str = "norm",
+        at_enabled: bool = True,
+        at_channel_weight: float = 4e-3,
+        at_spatial_weight: float = 4e-3,
+        am_enabled: bool = True,
+        am_weight: float = 7e-5,
+        nld_enabled: bool = True,
+        nld_weight: float = 7e-5,
+        nld_inner_channels: Sequence[int] = (),
+        nld_pool_strides: Sequence[int] = (),
+        nld_scale_inner_channels: bool = True,
+        nld_norm: str = "GN",
+    ):
+        super().__init__()
+        self.form = form
+        self.at_enabled, self.am_enabled, self.nld_enabled = at_enabled, am_enabled, nld_enabled
+        self.spatial_temperature = spatial_temperature
+        self.channel_temperature = channel_temperature
+        self.channel_mask = channel_mask
+        self.paper_distance = paper_distance
+        self.at_channel_weight, self.at_spatial_weight = at_channel_weight, at_spatial_weight
+        self.am_weight, self.nld_weight = am_weight, nld_weight
+        self._validate_options(
+            CN(
+                {
+                    "FORM": form,
+                    "IN_FEATURES": list(pairing.names),
+                    "SPATIAL_TEMPERATURE": spatial_temperature,
+                    "CHANNEL_TEMPERATURE": channel_temperature,
+                    "PAPER_DISTANCE": paper_distance,
+                    "AT": CN({"ENABLED": at_enabled}),
+                    "AM": CN({"ENABLED": am_enabled}),
+                    "NLD": CN(
+                        {
+                            "ENABLED": nld_enabled,
+                            "NORM": nld_norm,
+                            "INNER_CHANNELS": list(nld_inner_channels),
+                            "POOL_STRIDES": list(nld_pool_strides),
+                        }
+                    ),
+                }
+            )
+        )
 
-        self.pairing = feature_pairing_from_config(opts, context, cfg)
+        self.pairing = pairing
         if not self.am_enabled:
             # f serves L_AM only; drop it so no registered parameter goes unused (DDP).
             self.pairing.adapters = nn.ModuleDict()
         names = self.pairing.names
-        s_shapes = feature_shapes(context.student, names, "student")
-        t_shapes = feature_shapes(context.teacher, [self.pairing.teacher_names[n] for n in names], "teacher")
-        channels = {n: (s_shapes[n].channels, t_shapes[self.pairing.teacher_names[n]].channels) for n in names}
+        channels = {n: (self.pairing.student_channels[n], self.pairing.teacher_channels[n]) for n in names}
         self._validate_channels(channels)
 
         if self.at_enabled and self.form == "code":
             self.channel_adapters = nn.ModuleDict({n: nn.Linear(cs, ct) for n, (cs, ct) in channels.items()})
             self.spatial_adapters = nn.ModuleDict({n: nn.Conv2d(1, 1, 3, padding=1) for n in names})
         if self.nld_enabled:
-            settings = self._non_local_settings(opts, {n: s_shapes[n].stride for n in names})
+            settings = self._non_local_settings(
+                names, self.pairing.student_strides, nld_inner_channels, nld_pool_strides
+            )
             self.student_non_local = nn.ModuleDict()
             self.teacher_non_local = nn.ModuleDict()
             self.non_local_adapters = nn.ModuleDict()
             for n, (cs, ct) in channels.items():
                 inner, stride = settings[n]
                 self.student_non_local[n] = NonLocalBlock(
-                    cs, self._inner(inner, cs, opts.NLD.SCALE_INNER_CHANNELS), stride, opts.NLD.NORM
+                    cs, self._inner(inner, cs, nld_scale_inner_channels), stride, nld_norm
                 )
                 self.teacher_non_local[n] = NonLocalBlock(
-                    ct, self._inner(inner, ct, opts.NLD.SCALE_INNER_CHANNELS), stride, opts.NLD.NORM
+                    ct, self._inner(inner, ct, nld_scale_inner_channels), stride, nld_norm
                 )
                 self.non_local_adapters[n] = FeatureAdapter(cs, ct, kernel_size=1)
 
@@ -224,8 +268,33 @@ class FBKD(DistillHead):
         self.teacher_modules = list(self.pairing.teacher_modules)
         self.teacher_parts = {"backbone"}
 
+    @classmethod
+    def from_config(cls, cfg, context):
+        opts = cls.options(cfg, context)
+        cls._validate_options(opts)
+        return {
+            "pairing": feature_pairing_from_config(opts, context, cfg),
+            "form": opts.FORM,
+            "spatial_temperature": opts.SPATIAL_TEMPERATURE,
+            "channel_temperature": opts.CHANNEL_TEMPERATURE,
+            "channel_mask": opts.CHANNEL_MASK,
+            "paper_distance": opts.PAPER_DISTANCE,
+            "at_enabled": opts.AT.ENABLED,
+            "at_channel_weight": opts.AT.CHANNEL_WEIGHT,
+            "at_spatial_weight": opts.AT.SPATIAL_WEIGHT,
+            "am_enabled": opts.AM.ENABLED,
+            "am_weight": opts.AM.WEIGHT,
+            "nld_enabled": opts.NLD.ENABLED,
+            "nld_weight": opts.NLD.WEIGHT,
+            "nld_inner_channels": list(opts.NLD.INNER_CHANNELS),
+            "nld_pool_strides": list(opts.NLD.POOL_STRIDES),
+            "nld_scale_inner_channels": opts.NLD.SCALE_INNER_CHANNELS,
+            "nld_norm": opts.NLD.NORM,
+        }
+
     # ---------------------------------------------------------------- build-time checks
-    def _validate_options(self, opts):
+    @staticmethod
+    def _validate_options(opts):
         key = "DISTILL.FBKD"
         if opts.FORM not in FORMS:
             raise DistillConfigError(f"{key}.FORM must be one of {FORMS}, got '{opts.FORM}'.")
@@ -270,14 +339,16 @@ class FBKD(DistillHead):
             )
 
     @staticmethod
-    def _non_local_settings(opts, strides: Dict[str, int]) -> Dict[str, Tuple[int, int]]:
+    def _non_local_settings(
+        names: Sequence[str], strides: Dict[str, int], inner_channels: Sequence[int], pool_strides: Sequence[int]
+    ) -> Dict[str, Tuple[int, int]]:
         out = {}
-        for i, name in enumerate(opts.IN_FEATURES):
+        for i, name in enumerate(names):
             inner, stride = default_non_local_setting(strides[name])
-            if opts.NLD.INNER_CHANNELS:
-                inner = int(opts.NLD.INNER_CHANNELS[i])
-            if opts.NLD.POOL_STRIDES:
-                stride = int(opts.NLD.POOL_STRIDES[i])
+            if inner_channels:
+                inner = int(inner_channels[i])
+            if pool_strides:
+                stride = int(pool_strides[i])
             out[name] = (inner, stride)
         return out
 

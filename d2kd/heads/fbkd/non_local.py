@@ -12,6 +12,8 @@ from detectron2.layers import get_norm
 from fvcore.nn import weight_init
 from torch import nn
 
+from ...losses.precision import match_parameter_dtype
+
 __all__ = ["NonLocalBlock", "NON_LOCAL_NORMS"]
 
 # "" (no norm: W_z itself is zero-initialised), "GN", "BN", "SyncBN".
@@ -74,6 +76,7 @@ class NonLocalBlock(nn.Module):
         return F.max_pool2d(x, kernel_size=kernel, stride=kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = match_parameter_dtype(x, self.theta.weight)  # bf16 features outside autocast
         b, _, h, w = x.shape
         theta = self.theta(x).flatten(2).transpose(1, 2)  # (B, HW, C_i)
         phi = self._pool(self.phi(x)).flatten(2)  # (B, C_i, N_p)

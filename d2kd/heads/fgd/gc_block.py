@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...losses.precision import full_precision, match_parameter_dtype
+
 __all__ = ["GlobalContextBlock"]
 
 
@@ -40,10 +42,13 @@ class GlobalContextBlock(nn.Module):
         nn.init.zeros_(self.channel_add[-1].bias)
 
     def context(self, x: torch.Tensor) -> torch.Tensor:
-        """``sum_j softmax_j(W_k x_j) x_j``, shape ``(B, C, 1, 1)``."""
+        """``sum_j softmax_j(W_k x_j) x_j``, shape ``(B, C, 1, 1)``; the softmax and the
+        weighted sum over ``H*W`` positions in fp32 (also under autocast)."""
         b, c, h, w = x.shape
-        weights = F.softmax(self.conv_mask(x).reshape(b, 1, h * w), dim=2)  # (B, 1, HW)
-        return torch.bmm(x.reshape(b, c, h * w), weights.transpose(1, 2)).reshape(b, c, 1, 1)
+        logits = self.conv_mask(match_parameter_dtype(x, self.conv_mask.weight))
+        with full_precision(x):
+            weights = F.softmax(logits.float().reshape(b, 1, h * w), dim=2)  # (B, 1, HW)
+            return torch.bmm(x.float().reshape(b, c, h * w), weights.transpose(1, 2)).reshape(b, c, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.channel_add(self.context(x))
+        return x + self.channel_add(self.context(x)).to(x.dtype)

@@ -4,12 +4,13 @@ from typing import Tuple
 
 import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import configurable
 from torch import nn
 
 from ...capture import feature_shapes
 from ...modeling.attention import channel_attention_mask, spatial_attention_mask
 from ...modeling.box_masks import box_value_mask, gt_boxes_of
-from ...modeling.feature_pairs import add_feature_pairing_config, feature_pairing_from_config
+from ...modeling.feature_pairs import FeaturePairing, add_feature_pairing_config, feature_pairing_from_config
 from .focal_global import fgd_attention_loss, fgd_feature_loss, fgd_global_loss
 from .gc_block import GlobalContextBlock
 from ..base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
@@ -79,7 +80,14 @@ class FGD(DistillHead):
     code's "inheriting strategy" (``init_student=True``: the student starts from the teacher's
     neck and heads) is not part of this head: it is ``DISTILL.INHERIT`` (any head, or none;
     ``configs/bccd/distill_fgd_inherit_R50_R18.yaml`` is FGD with it).
+
+    Explicit construction: ``FGD(pairing=FeaturePairing(student, teacher, ["p2", "p3"],
+    adapter_enabled=False), alpha=5e-5, beta=2.5e-5, gamma=5e-5, lam=5e-7, temperature=0.5)``;
+    the global-context blocks are sized from the pairing's teacher channels.
     """
+
+    # An empty IN_FEATURES means the RoI heads' levels (p2..p5 on an FPN Faster R-CNN).
+    LEVEL_SOURCE = "roi"
 
     @classmethod
     def add_config(cls, cfg):
@@ -91,17 +99,41 @@ class FGD(DistillHead):
         node.TEMPERATURE = 0.5
         # "stride" (boxes / stride) or "image_shape" (the official x * W_feat / W_img).
         node.BOX_SCALE = "stride"
-        add_feature_pairing_config(node, in_features=("p2", "p3", "p4", "p5"), kernel_size=1)
+        add_feature_pairing_config(node, kernel_size=1)
         # The official align conv exists only when channel counts differ: off by default.
         node.ADAPTER.ENABLED = False
 
-    def __init__(self, cfg, context):
-        super().__init__(cfg, context)
-        opts = self.options(cfg)
-        if opts.TEMPERATURE <= 0:
-            raise DistillConfigError(f"DISTILL.FGD.TEMPERATURE must be > 0, got {opts.TEMPERATURE}.")
-        if opts.BOX_SCALE not in BOX_SCALES:
-            raise DistillConfigError(f"DISTILL.FGD.BOX_SCALE {opts.BOX_SCALE!r} is unknown; choose one of {BOX_SCALES}.")
+    @configurable
+    def __init__(
+        self,
+        *,
+        pairing: FeaturePairing,
+        alpha: float = 5e-5,
+        beta: float = 2.5e-5,
+        gamma: float = 5e-5,
+        lam: float = 5e-7,
+        temperature: float = 0.5,
+        box_scale: str = "stride",
+    ):
+        super().__init__()
+        _check_options(temperature, box_scale)
+        self.alpha, self.beta, self.gamma, self.lam = alpha, beta, gamma, lam
+        self.temperature = temperature
+        self.box_scale = box_scale
+        self.pairing = pairing
+        self.gc_student = nn.ModuleDict()
+        self.gc_teacher = nn.ModuleDict()
+        for name in self.pairing.names:
+            self.gc_student[name] = GlobalContextBlock(self.pairing.teacher_channels[name])
+            self.gc_teacher[name] = GlobalContextBlock(self.pairing.teacher_channels[name])
+        self.student_modules = list(self.pairing.student_modules)
+        self.teacher_modules = list(self.pairing.teacher_modules)
+        self.teacher_parts = {"backbone"}
+
+    @classmethod
+    def from_config(cls, cfg, context):
+        opts = cls.options(cfg, context)
+        _check_options(opts.TEMPERATURE, opts.BOX_SCALE)
         teacher_names = list(opts.TEACHER_FEATURES) or list(opts.IN_FEATURES)
         s_shapes = feature_shapes(context.student, opts.IN_FEATURES, "student")
         t_shapes = feature_shapes(context.teacher, teacher_names, "teacher")
@@ -113,18 +145,15 @@ class FGD(DistillHead):
                         f"'{t_name}' {t_shapes[t_name].channels}; set DISTILL.FGD.ADAPTER.ENABLED True "
                         "(a 1x1 align conv, as the official code adds when widths differ)."
                     )
-        self.alpha, self.beta, self.gamma, self.lam = opts.ALPHA, opts.BETA, opts.GAMMA, opts.LAMBDA
-        self.temperature = opts.TEMPERATURE
-        self.box_scale = opts.BOX_SCALE
-        self.pairing = feature_pairing_from_config(opts, context, cfg)
-        self.gc_student = nn.ModuleDict()
-        self.gc_teacher = nn.ModuleDict()
-        for name, t_name in self.pairing.teacher_names.items():
-            self.gc_student[name] = GlobalContextBlock(t_shapes[t_name].channels)
-            self.gc_teacher[name] = GlobalContextBlock(t_shapes[t_name].channels)
-        self.student_modules = list(self.pairing.student_modules)
-        self.teacher_modules = list(self.pairing.teacher_modules)
-        self.teacher_parts = {"backbone"}
+        return {
+            "pairing": feature_pairing_from_config(opts, context, cfg),
+            "alpha": opts.ALPHA,
+            "beta": opts.BETA,
+            "gamma": opts.GAMMA,
+            "lam": opts.LAMBDA,
+            "temperature": opts.TEMPERATURE,
+            "box_scale": opts.BOX_SCALE,
+        }
 
     def _masks(self, name, feature_hw, step):
         """``(B, H, W)`` foreground scale masks and background masks on the loss grid."""
@@ -159,3 +188,10 @@ class FGD(DistillHead):
             terms[f"{name}_at"] = self.gamma * at
             terms[f"{name}_glb"] = self.lam * glb
         return terms
+
+
+def _check_options(temperature, box_scale):
+    if temperature <= 0:
+        raise DistillConfigError(f"DISTILL.FGD.TEMPERATURE must be > 0, got {temperature}.")
+    if box_scale not in BOX_SCALES:
+        raise DistillConfigError(f"DISTILL.FGD.BOX_SCALE {box_scale!r} is unknown; choose one of {BOX_SCALES}.")

@@ -2,12 +2,21 @@
 
 import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import configurable
+from torch import nn
 
 from ...losses.imitation import weighted_imitation_loss
-from ...modeling.box_masks import assign_boxes_to_levels, feature_level, gt_boxes_of, resize_mask
-from ...modeling.feature_pairs import add_feature_pairing_config, feature_pairing_from_config
+from ...modeling.box_masks import (
+    assign_boxes_to_levels,
+    canonical_box_size_for,
+    feature_level,
+    gt_boxes_of,
+    resize_mask,
+)
+from ...modeling.feature_pairs import FeaturePairing, add_feature_pairing_config, feature_pairing_from_config
 from .imitation_mask import anchor_source, imitation_mask
 from ...modeling.schedule import DistillSchedule
+from ..dense_outputs import is_dense_detector
 from ..base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
 
 __all__ = ["FGFI"]
@@ -45,6 +54,10 @@ class FGFI(DistillHead):
     post-ReLU, hence non-negative); FPN outputs are signed, so a ReLU adapter cannot match
     negative teacher values (DeFeat's FGFI-on-FPN reimplementation drops it:
     ``ADAPTER.RELU False``). IoUs use Detectron2's ``pairwise_iou`` (no +1 in widths).
+
+    Explicit construction: ``FGFI(student=student, pairing=FeaturePairing(student, teacher,
+    ["p2", "p3"], adapter_kernel=3, adapter_init_std=1e-4, adapter_relu=True), weight=0.01)``
+    (the student is read for its anchor generator, not kept).
     """
 
     @classmethod
@@ -57,41 +70,54 @@ class FGFI(DistillHead):
         node.WARMUP_ITERS = 400
         # FPN extension: a GT box contributes only on its scale-assigned level.
         node.ASSIGN_BY_SCALE = True
-        node.CANONICAL_BOX_SIZE = 224
-        add_feature_pairing_config(node, kernel_size=3, init_std=1e-4, relu=True)
+        # Box size of level 4 in the box-to-level rule; 0: by detector kind (224 two-stage,
+        # 112 one-stage: d2kd.modeling.box_masks.canonical_box_size_for).
+        node.CANONICAL_BOX_SIZE = 0
+        # No ReLU after the adapter: FPN features are signed, and a ReLU would keep the masked
+        # loss above the teacher's negative part (the paper's C4 features were post-ReLU).
+        add_feature_pairing_config(node, kernel_size=3, init_std=1e-4, relu=False)
 
-    def __init__(self, cfg, context):
-        super().__init__(cfg, context)
-        opts = self.options(cfg)
-        if not 0.0 < opts.PSI <= 1.0:
-            raise DistillConfigError(f"DISTILL.FGFI.PSI must be in (0, 1], got {opts.PSI} (the paper uses 0.5).")
-        if opts.WARMUP_ITERS < 0:
-            raise DistillConfigError(f"DISTILL.FGFI.WARMUP_ITERS must be >= 0, got {opts.WARMUP_ITERS}.")
-        source = anchor_source(context.student)
-        if source is None:
-            raise DistillConfigError(
-                f"FGFI builds its imitation mask from the student's anchors, but the student "
-                f"({type(context.student).__name__}) has no anchor generator (RPN or dense head). "
-                "Use an anchor-based detector or a mask-free feature head (e.g. fitnet)."
-            )
-        self.anchor_path, anchor_features = source
-        missing = [n for n in opts.IN_FEATURES if n not in anchor_features]
-        if missing:
-            raise DistillConfigError(
-                f"DISTILL.FGFI.IN_FEATURES {list(opts.IN_FEATURES)}: {missing} carry no anchors; the "
-                f"student's anchor generator runs on {anchor_features}. Choose features among those."
-            )
-        self.weight = opts.WEIGHT
-        self.psi = opts.PSI
-        self.assign_by_scale = opts.ASSIGN_BY_SCALE
-        self.canonical_box_size = opts.CANONICAL_BOX_SIZE
-        self.schedule = DistillSchedule(warmup_iters=opts.WARMUP_ITERS)
-        self.pairing = feature_pairing_from_config(opts, context, cfg)
+    @configurable
+    def __init__(
+        self,
+        *,
+        student: nn.Module,
+        pairing: FeaturePairing,
+        weight: float = 0.01,
+        psi: float = 0.5,
+        warmup_iters: int = 400,
+        assign_by_scale: bool = True,
+        canonical_box_size: float = 0,
+    ):
+        super().__init__()
+        _check_options(psi, warmup_iters)
+        self.anchor_path, anchor_features = _anchor_source(student, pairing.names)
+        self.weight = weight
+        self.psi = psi
+        self.assign_by_scale = assign_by_scale
+        self.canonical_box_size = canonical_box_size_for(is_dense_detector(student), canonical_box_size)
+        self.schedule = DistillSchedule(warmup_iters=warmup_iters)
+        self.pairing = pairing
         self.anchor_index = {n: anchor_features.index(n) for n in self.pairing.names}
         self.levels = {n: feature_level(s) for n, s in self.pairing.student_strides.items()}
         self.student_modules = list(self.pairing.student_modules) + [self.anchor_path]
         self.teacher_modules = list(self.pairing.teacher_modules)
         self.teacher_parts = {"backbone"}
+
+    @classmethod
+    def from_config(cls, cfg, context):
+        opts = cls.options(cfg, context)
+        _check_options(opts.PSI, opts.WARMUP_ITERS)
+        _anchor_source(context.student, opts.IN_FEATURES)
+        return {
+            "student": context.student,
+            "pairing": feature_pairing_from_config(opts, context, cfg),
+            "weight": opts.WEIGHT,
+            "psi": opts.PSI,
+            "warmup_iters": opts.WARMUP_ITERS,
+            "assign_by_scale": opts.ASSIGN_BY_SCALE,
+            "canonical_box_size": opts.CANONICAL_BOX_SIZE,
+        }
 
     def forward(self, student, teacher, step):
         names = self.pairing.names
@@ -118,3 +144,29 @@ class FGFI(DistillHead):
             terms[name] = self.weight * loss / len(names)
         return terms
 
+
+
+def _check_options(psi, warmup_iters):
+    if not 0.0 < psi <= 1.0:
+        raise DistillConfigError(f"DISTILL.FGFI.PSI must be in (0, 1], got {psi} (the paper uses 0.5).")
+    if warmup_iters < 0:
+        raise DistillConfigError(f"DISTILL.FGFI.WARMUP_ITERS must be >= 0, got {warmup_iters}.")
+
+
+def _anchor_source(student, in_features):
+    """``(anchor generator path, its features)`` of the student, which must cover ``in_features``."""
+    source = anchor_source(student)
+    if source is None:
+        raise DistillConfigError(
+            f"FGFI builds its imitation mask from the student's anchors, but the student "
+            f"({type(student).__name__}) has no anchor generator (RPN or dense head). "
+            "Use an anchor-based detector or a mask-free feature head (e.g. fitnet)."
+        )
+    anchor_path, anchor_features = source
+    missing = [n for n in in_features if n not in anchor_features]
+    if missing:
+        raise DistillConfigError(
+            f"DISTILL.FGFI.IN_FEATURES {list(in_features)}: {missing} carry no anchors; the "
+            f"student's anchor generator runs on {anchor_features}. Choose features among those."
+        )
+    return anchor_path, anchor_features

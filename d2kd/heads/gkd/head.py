@@ -3,21 +3,22 @@
 Two-stage (FPN Faster R-CNN) and one-stage (RetinaNet) students; see :class:`GKD`."""
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
+from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling.poolers import assign_boxes_to_levels as pooler_levels
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
+from torch import nn
 
-from ...capture import feature_shapes
 from ...losses import binary_kd_div, kd_kl_div
 from ...losses.imitation import weighted_imitation_loss, weighted_imitation_losses
-from ...modeling.box_masks import assign_boxes_to_levels, box_value_mask, gt_boxes_of
-from ...modeling.feature_pairs import add_feature_pairing_config, feature_pairing_from_config
+from ...modeling.box_masks import assign_boxes_to_levels, box_value_mask, canonical_box_size_for, gt_boxes_of
+from ...modeling.feature_pairs import FeaturePairing, add_feature_pairing_config, feature_pairing_from_config
 from .prototypes import box_average_pool, cosine_projection, mp_projection, robust_weights
 from ...modeling.schedule import DistillSchedule
 from ..base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
@@ -30,6 +31,18 @@ BOX_POOLER = "roi_heads.box_pooler"
 PROJECTIONS = ("cosine", "mp")
 # Response divergence on a one-stage detector's sigmoid class logits.
 ANCHOR_KL_FORMS = ("binary", "softmax")
+# Prototype generation (PGM) options, ``DISTILL.GKD.PGM``, with their defaults.
+PGM_DEFAULTS = {
+    "NUM_PROTOTYPES": 10,  # K per class and level
+    "ALPHA": 10.0,  # TS-consistency weight of Eq. 2
+    "PERIOD": 0,  # iterations between updates; 0 = one epoch
+    "MAX_IMAGES_PER_CLASS": 800,
+    # Boxes must be wider and taller than this (pixels of the test-time input).
+    "MIN_BOX_SIZE": 30.0,
+    "DENSITY_KERNEL": 0.1,
+    "DENSITY_PERCENTILE": 40.0,
+    "SEED": 1,
+}
 
 
 def global_knowledge_loss(
@@ -186,6 +199,11 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
     reconstructed (the assignment is uncertain, docs/methods/gkd.md); the released code uses
     5 on the global term, fg 1 + bg 4 on the feature term and 1 on the KL, and, because of
     a config switch, trains WITHOUT the global term (preset ``gkd_released_code``).
+
+    Explicit construction: ``GKD(student=student, teacher=teacher, pairing=FeaturePairing(student,
+    teacher, ["p2", "p3", "p4", "p5", "p6"], adapter_kernel=3), pgm={"NUM_PROTOTYPES": 5})``
+    (``pgm``: ``DISTILL.GKD.PGM`` options over :data:`PGM_DEFAULTS`, read by the prototype hook;
+    ``max_iter``: the ``LINEAR_DECAY`` horizon). The models are checked and read, not kept.
     """
 
     @classmethod
@@ -221,53 +239,76 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
         node.LINEAR_DECAY = False
         # FPN levels (5-level rule needs consecutive levels) and the 3x3 adapter of Eq. 7.
         add_feature_pairing_config(node, kernel_size=3)
-        node.PGM = CN()
-        node.PGM.NUM_PROTOTYPES = 10  # K per class and level
-        node.PGM.ALPHA = 10.0  # TS-consistency weight of Eq. 2
-        node.PGM.PERIOD = 0  # iterations between updates; 0 = one epoch
-        node.PGM.MAX_IMAGES_PER_CLASS = 800
-        # Boxes must be wider and taller than this (pixels of the test-time input).
-        node.PGM.MIN_BOX_SIZE = 30.0
-        node.PGM.DENSITY_KERNEL = 0.1
-        node.PGM.DENSITY_PERCENTILE = 40.0
-        node.PGM.SEED = 1
+        node.PGM = CN(dict(PGM_DEFAULTS))
 
-    def __init__(self, cfg, context):
-        super().__init__(cfg, context)
-        opts = self.options(cfg)
-        self._validate(opts)
-        student, teacher = context.student, context.teacher
-        self.two_stage = _has_box_head(student)
-        if not self.two_stage and not is_dense_detector(student):
-            raise DistillConfigError(
-                "GKD distils instances: the positive sampled RoIs of a two-stage detector, or the ground-truth "
-                f"boxes and positive anchors of a RetinaNet; the student ({type(student).__name__}) has neither an "
-                "RoI box head nor a dense head. Use an FPN Faster R-CNN or a RetinaNet student."
+    @configurable
+    def __init__(
+        self,
+        *,
+        student: nn.Module,
+        teacher: nn.Module,
+        pairing: FeaturePairing,
+        global_weight: float = 1.0,
+        feature_weight: float = 1.0,
+        response_weight: float = 5.0,
+        robust_weights: bool = True,
+        robust_weight_floor: float = 0.0,
+        projection: str = "cosine",
+        fg_weight: float = 1.0,
+        bg_weight: float = 0.0,
+        temperature: float = 2.0,
+        kl_class_mean: bool = True,
+        anchor_kl: str = "binary",
+        linear_decay: bool = False,
+        max_iter: int = 0,
+        class_names: Optional[Sequence[str]] = None,
+        pgm: Optional[Mapping] = None,
+    ):
+        super().__init__()
+        unknown = sorted(set(pgm or {}) - set(PGM_DEFAULTS))
+        if unknown:
+            raise ValueError(f"Unknown GKD prototype (PGM) options {unknown}; known: {sorted(PGM_DEFAULTS)}.")
+        # The DISTILL.PGM options (read by the PrototypeHook too).
+        self.pgm_options = CN({**PGM_DEFAULTS, **dict(pgm or {})})
+        self._validate(
+            CN(
+                {
+                    "PROJECTION": projection,
+                    "GLOBAL_WEIGHT": global_weight,
+                    "FEATURE_WEIGHT": feature_weight,
+                    "RESPONSE_WEIGHT": response_weight,
+                    "FG_WEIGHT": fg_weight,
+                    "BG_WEIGHT": bg_weight,
+                    "ROBUST_WEIGHT_FLOOR": robust_weight_floor,
+                    "TEMPERATURE": temperature,
+                    "ANCHOR_KL": anchor_kl,
+                    "PGM": self.pgm_options,
+                }
             )
-        self.global_weight = float(opts.GLOBAL_WEIGHT)
-        self.feature_weight = float(opts.FEATURE_WEIGHT)
-        self.response_weight = float(opts.RESPONSE_WEIGHT)
-        self.use_robust = bool(opts.ROBUST_WEIGHTS)
-        self.robust_floor = float(opts.ROBUST_WEIGHT_FLOOR)
-        self.projection = opts.PROJECTION
-        self.alpha = float(opts.PGM.ALPHA)
-        self.fg_weight, self.bg_weight = float(opts.FG_WEIGHT), float(opts.BG_WEIGHT)
-        self.temperature = float(opts.TEMPERATURE)
-        self.kl_class_mean = bool(opts.KL_CLASS_MEAN)
-        self.anchor_kl = opts.ANCHOR_KL
-        self.decay = DistillSchedule(linear_decay=opts.LINEAR_DECAY, max_iter=cfg.SOLVER.MAX_ITER)
-        self.input_scale = float(cfg.DISTILL.TEACHER.INPUT_SCALE)
+        )
+        self.two_stage = self._check_student(student)
+        self.global_weight = float(global_weight)
+        self.feature_weight = float(feature_weight)
+        self.response_weight = float(response_weight)
+        self.use_robust = bool(robust_weights)
+        self.robust_floor = float(robust_weight_floor)
+        self.projection = projection
+        self.alpha = float(self.pgm_options.ALPHA)
+        self.fg_weight, self.bg_weight = float(fg_weight), float(bg_weight)
+        self.temperature = float(temperature)
+        self.kl_class_mean = bool(kl_class_mean)
+        self.anchor_kl = anchor_kl
+        self.decay = DistillSchedule(linear_decay=linear_decay, max_iter=max_iter)
+        self.input_scale = float(pairing.teacher_input_scale)
 
-        self.pairing = feature_pairing_from_config(opts, context, cfg)
+        self.pairing = pairing
         if self.feature_weight == 0:
             # No feature term: no adapters (an unused parameter would break DDP).
             self.pairing.adapters.clear()
         self.names: List[str] = list(self.pairing.names)
         self.teacher_names: Dict[str, str] = dict(self.pairing.teacher_names)
-        s_shapes = feature_shapes(student, self.names, "student")
-        t_shapes = feature_shapes(teacher, [self.teacher_names[n] for n in self.names], "teacher")
-        self.student_strides = {n: s_shapes[n].stride for n in self.names}
-        self.teacher_strides = {n: t_shapes[self.teacher_names[n]].stride for n in self.names}
+        self.student_strides = {n: self.pairing.student_strides[n] for n in self.names}
+        self.teacher_strides = {n: self.pairing.teacher_strides[n] for n in self.names}
         levels = [math.log2(self.student_strides[n]) for n in self.names]
         if any(l != int(l) for l in levels) or [int(l) for l in levels] != list(range(int(levels[0]), int(levels[0]) + len(levels))):
             raise DistillConfigError(
@@ -276,18 +317,20 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
                 'order, e.g. ["p2", "p3", "p4", "p5", "p6"].'
             )
         self.min_level, self.max_level = int(levels[0]), int(levels[-1])
+        # Box-to-level rule of the detector kind: one-stage codes count levels from P3 (<112 px).
+        self.canonical_box_size = canonical_box_size_for(not self.two_stage)
 
         self.num_classes = student.roi_heads.num_classes if self.two_stage else student.num_classes
-        train_sets = cfg.DATASETS.TRAIN
-        thing_classes = MetadataCatalog.get(train_sets[0]).get("thing_classes", None) if train_sets else None
-        if not thing_classes or len(thing_classes) != self.num_classes:
-            thing_classes = [f"class {c}" for c in range(self.num_classes)]
-        self.class_names = list(thing_classes)
+        if not class_names or len(class_names) != self.num_classes:
+            class_names = [f"class {c}" for c in range(self.num_classes)]
+        self.class_names = list(class_names)
 
-        k = int(opts.PGM.NUM_PROTOTYPES)
+        k = int(self.pgm_options.NUM_PROTOTYPES)
         for n in self.names:
-            self.register_buffer(f"prototypes_student_{n}", torch.zeros(self.num_classes, k, s_shapes[n].channels))
-            t_channels = t_shapes[self.teacher_names[n]].channels
+            self.register_buffer(
+                f"prototypes_student_{n}", torch.zeros(self.num_classes, k, self.pairing.student_channels[n])
+            )
+            t_channels = self.pairing.teacher_channels[n]
             self.register_buffer(f"prototypes_teacher_{n}", torch.zeros(self.num_classes, k, t_channels))
         self.register_buffer("prototype_valid", torch.zeros(len(self.names), self.num_classes, dtype=torch.uint8))
         # Iteration before which the prototypes were computed; -1 = never.
@@ -297,26 +340,66 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
         self.teacher_modules = list(self.pairing.teacher_modules)
         self.teacher_parts = {"backbone"}
         if self.response_weight > 0:
-            self._require_response_outputs(context, cfg)
+            self._require_response_outputs(student, teacher)
         elif self.two_stage:
             self.student_methods.append(SAMPLED_PROPOSALS)
 
-    def _require_response_outputs(self, context, cfg):
+    @classmethod
+    def from_config(cls, cfg, context):
+        opts = cls.options(cfg, context)
+        cls._validate(opts)
+        cls._check_student(context.student)
+        train_sets = cfg.DATASETS.TRAIN
+        thing_classes = MetadataCatalog.get(train_sets[0]).get("thing_classes", None) if train_sets else None
+        return {
+            "student": context.student,
+            "teacher": context.teacher,
+            "pairing": feature_pairing_from_config(opts, context, cfg),
+            "global_weight": opts.GLOBAL_WEIGHT,
+            "feature_weight": opts.FEATURE_WEIGHT,
+            "response_weight": opts.RESPONSE_WEIGHT,
+            "robust_weights": opts.ROBUST_WEIGHTS,
+            "robust_weight_floor": opts.ROBUST_WEIGHT_FLOOR,
+            "projection": opts.PROJECTION,
+            "fg_weight": opts.FG_WEIGHT,
+            "bg_weight": opts.BG_WEIGHT,
+            "temperature": opts.TEMPERATURE,
+            "kl_class_mean": opts.KL_CLASS_MEAN,
+            "anchor_kl": opts.ANCHOR_KL,
+            "linear_decay": opts.LINEAR_DECAY,
+            "max_iter": cfg.SOLVER.MAX_ITER,
+            "class_names": thing_classes,
+            "pgm": dict(opts.PGM),
+        }
+
+    @staticmethod
+    def _check_student(student) -> bool:
+        """Whether the student is two-stage; a DistillConfigError if it is neither kind."""
+        two_stage = _has_box_head(student)
+        if not two_stage and not is_dense_detector(student):
+            raise DistillConfigError(
+                "GKD distils instances: the positive sampled RoIs of a two-stage detector, or the ground-truth "
+                f"boxes and positive anchors of a RetinaNet; the student ({type(student).__name__}) has neither an "
+                "RoI box head nor a dense head. Use an FPN Faster R-CNN or a RetinaNet student."
+            )
+        return two_stage
+
+    def _require_response_outputs(self, student, teacher):
         """Captures of the response term: RoI logits (two-stage) or dense outputs (RetinaNet)."""
         try:
             if self.two_stage:
-                self._require_roi_logits(context)
+                self._require_roi_logits(student=student, teacher=teacher)
             else:
-                self._require_dense_outputs(context, cfg.DISTILL.TEACHER.INPUT_SCALE)
+                self._require_dense_outputs(teacher_input_scale=self.input_scale, student=student, teacher=teacher)
         except DistillConfigError as e:
             raise DistillConfigError(
                 f"{e} (GKD response term: DISTILL.GKD.RESPONSE_WEIGHT 0 keeps only the global and feature "
                 "terms, which need FPN features only.)"
             ) from None
         if self.two_stage:
-            pooler = context.student.roi_heads.box_pooler
+            pooler = student.roi_heads.box_pooler
             self._pooler_levels = (pooler.min_level, pooler.max_level, pooler.canonical_box_size, pooler.canonical_level)
-            self._box_in_features = list(context.student.roi_heads.box_in_features)
+            self._box_in_features = list(student.roi_heads.box_in_features)
             if self.use_robust:
                 box_features = self._box_in_features
                 missing = [f for f in box_features if f not in self.names]
@@ -476,7 +559,7 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
         """Per image, the Eq. 8 weight of each instance at the level the box-to-level rule
         assigns it (the level whose feature-term mask it fills)."""
         weights = [torch.ones(len(b), device=b.device) for b in boxes]
-        assigned = [assign_boxes_to_levels(b, self.min_level, self.max_level) for b in boxes]
+        assigned = [assign_boxes_to_levels(b, self.min_level, self.max_level, self.canonical_box_size) for b in boxes]
         for li, name in enumerate(self.names):
             here = [a == self.min_level + li for a in assigned]
             if not any(bool(h.any()) for h in here):
@@ -492,7 +575,7 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
     def _instance_terms(self, student, teacher, boxes, labels, decay):
         """``global_<level>`` and ``feat_<level>`` terms."""
         terms = {}
-        assigned = [assign_boxes_to_levels(b, self.min_level, self.max_level) for b in boxes]
+        assigned = [assign_boxes_to_levels(b, self.min_level, self.max_level, self.canonical_box_size) for b in boxes]
         mask_weights = []
         for li, name in enumerate(self.names):
             level = self.min_level + li

@@ -169,7 +169,7 @@ class PrototypeHook(HookBase):
         self.cfg = cfg
         self.student = trainer.student
         self.teacher = trainer.teacher
-        self.opts = head.options(cfg).PGM
+        self.opts = head.pgm_options
         self.teacher_input = TeacherRunner(
             self.teacher, set(), Recorder(self.teacher, role="teacher"), self.student.input_format,
             cfg.DISTILL.TEACHER.INPUT_SCALE,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ...modeling.box_masks import box_windows
+from ...losses.precision import full_precision
 
 __all__ = [
     "box_average_pool",
@@ -175,7 +176,8 @@ def select_prototypes(
 def cosine_projection(feats: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """``phi(f; P) = [cos(f, p_1), ..., cos(f, p_K)]`` for rows ``(N, D)`` and ``(K, D)``:
     the code's "projection" (``template_box_distance``)."""
-    return F.normalize(feats.float(), dim=1) @ F.normalize(prototypes.float(), dim=1).t()
+    with full_precision(feats):
+        return F.normalize(feats.float(), dim=1) @ F.normalize(prototypes.float(), dim=1).t()
 
 
 def mp_projection(cos_t: torch.Tensor, cos_s: torch.Tensor, alpha: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +211,7 @@ def robust_weights(
     """
     if len(labels) == 0:
         return student_feats.new_zeros((0,), dtype=torch.float32)
-    with torch.no_grad():
+    with torch.no_grad(), full_precision(student_feats):
         labels = labels.long()
         s = F.normalize(student_feats.detach().float(), dim=1)
         t = F.normalize(teacher_feats.detach().float(), dim=1)

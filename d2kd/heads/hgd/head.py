@@ -3,12 +3,14 @@ HGD-like all-stage feature imitation, reconstructed from the abstract of Qin et 
 "Hands-on Guidance for Distilling Object Detectors" (arXiv 2103.14337, 2021; docs/methods/hgd.md).
 """
 
+from typing import Sequence
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import configurable
 from detectron2.utils.events import get_event_storage
 
-from ...capture.features import feature_shapes
 from ...losses.imitation import IMITATION_DISTANCES, standardize_features, weighted_imitation_loss
-from ...modeling.feature_pairs import FeaturePairing, add_feature_pairing_config
+from ...modeling.feature_pairs import FeaturePairing, add_feature_pairing_config, feature_pairing_from_config
 from .spatial_weights import MICRO_MODES, spatial_weight_map
 from .stage_matching import MATCH_MODES, match_stages
 from .stage_weights import MACRO_MODES, StageWeighting
@@ -63,7 +65,15 @@ class HGD(DistillHead):
     Terms: ``loss_kd_hgd_<stage>`` = ``WEIGHT * rho_k * L_k`` (plus ``loss_kd_hgd_logvar``
     in ``"learned"`` mode). Each step also logs ``kd_hgd/weight_<stage>`` (``rho_k``) and
     ``kd_hgd/raw_<stage>`` (``L_k``) to the EventStorage; they are not losses.
+
+    Explicit construction: ``HGD(pairing=FeaturePairing(student, teacher, ["res4", "p4"],
+    ["res4", "p4"]), micro_mode="gt", macro_mode="fixed")``: the correspondence is the
+    pairing's (``match_stages`` finds one as ``MATCH`` does); the other arguments are the
+    ``LOSS``/``MICRO``/``MACRO`` options in lower case, prefixed by their group for MICRO/MACRO.
     """
+
+    # An empty IN_FEATURES means every stage: the bottom-up stages (res2..res5), then the FPN levels.
+    LEVEL_SOURCE = "stages"
 
     @classmethod
     def add_config(cls, cfg):
@@ -71,7 +81,7 @@ class HGD(DistillHead):
         _C.WEIGHT = 1.0
         # IN_FEATURES: student stages; TEACHER_FEATURES: explicit teacher partners (one per
         # student stage, in order), empty = matched automatically by MATCH; ADAPTER.*.
-        add_feature_pairing_config(_C, in_features=ALL_STAGES, kernel_size=1, init_std=0.0)
+        add_feature_pairing_config(_C, kernel_size=1, init_std=0.0)
         _C.MATCH = "stride"  # stride | nearest_stride | name
         _C.LOSS = CN()
         _C.LOSS.DISTANCE = "l2"  # l2 | l1 | smooth_l1
@@ -93,18 +103,74 @@ class HGD(DistillHead):
         _C.MACRO.NORMALIZE_TO = "num_stages"  # num_stages | one   (loss_norm)
         _C.MACRO.LOG_VAR_LIMIT = 4.0  # |s_k| bound (learned)
 
-    def __init__(self, cfg, context):
-        super().__init__(cfg, context)
-        opts = self.options(cfg)
+    @configurable
+    def __init__(
+        self,
+        *,
+        pairing: FeaturePairing,
+        weight: float = 1.0,
+        distance: str = "l2",
+        smooth_l1_beta: float = 1.0,
+        channel_reduction: str = "mean",
+        normalizer: str = "weight_sum",
+        half: bool = True,
+        feature_norm: str = "none",
+        micro_mode: str = "gt+attention",
+        micro_fg_weight: float = 1.0,
+        micro_bg_weight: float = 0.5,
+        micro_temperature: float = 0.5,
+        macro_mode: str = "loss_norm",
+        macro_weights: Sequence[float] = (),
+        macro_momentum: float = 0.9,
+        macro_normalize_to: str = "num_stages",
+        macro_log_var_limit: float = 4.0,
+    ):
+        super().__init__()
+        self.loss_opts = CN(
+            {
+                "DISTANCE": distance,
+                "SMOOTH_L1_BETA": smooth_l1_beta,
+                "CHANNEL_REDUCTION": channel_reduction,
+                "NORMALIZER": normalizer,
+                "HALF": half,
+                "FEATURE_NORM": feature_norm,
+            }
+        )
+        self.micro = CN(
+            {
+                "MODE": micro_mode,
+                "FG_WEIGHT": micro_fg_weight,
+                "BG_WEIGHT": micro_bg_weight,
+                "TEMPERATURE": micro_temperature,
+            }
+        )
+        # The same checks as the config's (MATCH is the config's way to find the pairing).
+        macro = CN({"MODE": macro_mode})
+        _validate_options(CN({"MATCH": MATCH_MODES[0], "LOSS": self.loss_opts, "MICRO": self.micro, "MACRO": macro}))
+        stages = list(pairing.names)
+        _check_stages(stages)
+        self.weight = weight
+        self.pairing = pairing
+        self.stages = stages
+        self.teacher_stages = dict(pairing.teacher_names)
+        # Teacher strides in student input pixels: where the GT boxes fall on each map.
+        self.teacher_strides = {s: pairing.target_strides[s] for s in stages}
+        try:
+            self.macro = StageWeighting(
+                stages, macro_mode, macro_weights, macro_momentum, macro_normalize_to, macro_log_var_limit
+            )
+        except ValueError as e:
+            raise DistillConfigError(f"DISTILL.HGD.MACRO: {e}") from e
+        self.student_modules = list(self.pairing.student_modules)
+        self.teacher_modules = list(self.pairing.teacher_modules)
+        self.teacher_parts = {"backbone"}
+
+    @classmethod
+    def from_config(cls, cfg, context):
+        opts = cls.options(cfg, context)
         _validate_options(opts)
-        self.weight = opts.WEIGHT
-        self.loss_opts = opts.LOSS
-        self.micro = opts.MICRO
         stages = list(opts.IN_FEATURES)
-        if not stages:
-            raise DistillConfigError("DISTILL.HGD.IN_FEATURES is empty: list the student stages to distil.")
-        if len(set(stages)) != len(stages):
-            raise DistillConfigError(f"DISTILL.HGD.IN_FEATURES lists a stage twice: {stages}.")
+        _check_stages(stages)
         scale = cfg.DISTILL.TEACHER.INPUT_SCALE
         try:
             if opts.TEACHER_FEATURES:
@@ -116,17 +182,10 @@ class HGD(DistillHead):
                 teacher_stages = list(opts.TEACHER_FEATURES)
             else:
                 teacher_stages = match_stages(context.student, context.teacher, stages, opts.MATCH, scale)
-            self.pairing = FeaturePairing(
-                context.student,
-                context.teacher,
-                stages,
-                teacher_stages,
-                teacher_input_scale=scale,
-                adapter_kernel=opts.ADAPTER.KERNEL_SIZE,
-                adapter_enabled=opts.ADAPTER.ENABLED,
-                adapter_init_std=opts.ADAPTER.INIT_STD or None,
-                adapter_relu=opts.ADAPTER.RELU,
-            )
+            node = opts.clone()
+            node.defrost()
+            node.TEACHER_FEATURES = teacher_stages
+            pairing = feature_pairing_from_config(node, context, cfg)
         except (ValueError, KeyError) as e:
             message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             raise DistillConfigError(
@@ -134,25 +193,25 @@ class HGD(DistillHead):
                 "(options: DISTILL.HGD.IN_FEATURES, DISTILL.HGD.TEACHER_FEATURES, DISTILL.HGD.MATCH, "
                 "DISTILL.HGD.ADAPTER.ENABLED)."
             ) from e
-        self.stages = stages
-        self.teacher_stages = dict(zip(stages, teacher_stages))
-        t_shapes = feature_shapes(context.teacher, teacher_stages, "teacher")
-        # Teacher strides in student input pixels: where the GT boxes fall on each map.
-        self.teacher_strides = {s: t_shapes[t].stride / scale for s, t in self.teacher_stages.items()}
-        try:
-            self.macro = StageWeighting(
-                stages,
-                opts.MACRO.MODE,
-                opts.MACRO.WEIGHTS,
-                opts.MACRO.MOMENTUM,
-                opts.MACRO.NORMALIZE_TO,
-                opts.MACRO.LOG_VAR_LIMIT,
-            )
-        except ValueError as e:
-            raise DistillConfigError(f"DISTILL.HGD.MACRO: {e}") from e
-        self.student_modules = list(self.pairing.student_modules)
-        self.teacher_modules = list(self.pairing.teacher_modules)
-        self.teacher_parts = {"backbone"}
+        return {
+            "pairing": pairing,
+            "weight": opts.WEIGHT,
+            "distance": opts.LOSS.DISTANCE,
+            "smooth_l1_beta": opts.LOSS.SMOOTH_L1_BETA,
+            "channel_reduction": opts.LOSS.CHANNEL_REDUCTION,
+            "normalizer": opts.LOSS.NORMALIZER,
+            "half": opts.LOSS.HALF,
+            "feature_norm": opts.LOSS.FEATURE_NORM,
+            "micro_mode": opts.MICRO.MODE,
+            "micro_fg_weight": opts.MICRO.FG_WEIGHT,
+            "micro_bg_weight": opts.MICRO.BG_WEIGHT,
+            "micro_temperature": opts.MICRO.TEMPERATURE,
+            "macro_mode": opts.MACRO.MODE,
+            "macro_weights": list(opts.MACRO.WEIGHTS),
+            "macro_momentum": opts.MACRO.MOMENTUM,
+            "macro_normalize_to": opts.MACRO.NORMALIZE_TO,
+            "macro_log_var_limit": opts.MACRO.LOG_VAR_LIMIT,
+        }
 
     def stage_losses(self, student, teacher, step):
         """The unweighted ``L_k`` of every stage (items 2-4 of the class docstring)."""
@@ -205,6 +264,13 @@ def _log_stage_scalars(name, stages, raw, weights):
     for i, stage in enumerate(stages):
         storage.put_scalar(f"kd_{name}/weight_{stage}", weights[i])
         storage.put_scalar(f"kd_{name}/raw_{stage}", float(raw[stage].detach()))
+
+
+def _check_stages(stages):
+    if not stages:
+        raise DistillConfigError("DISTILL.HGD.IN_FEATURES is empty: list the student stages to distil.")
+    if len(set(stages)) != len(stages):
+        raise DistillConfigError(f"DISTILL.HGD.IN_FEATURES lists a stage twice: {stages}.")
 
 
 def _validate_options(opts):

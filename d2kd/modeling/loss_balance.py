@@ -1,0 +1,108 @@
+"""
+Automatic loss balance (``DISTILL.LOSS_BALANCE``): one multiplier per head, measured once.
+
+The paper weights of a method were set for its paper's inputs (COCO at 800 pixels, 8 GPUs);
+on other data a head's term can start many times the detector loss, or be negligible, and a
+method's result then follows its loss scale more than its idea. Mode ``initial`` measures,
+over the first ``ITERS`` iterations with distillation on (trained with the paper weights),
+the running mean of each head's total term ``D_h`` and of the detector's loss ``L_det``; it
+then fixes
+
+    m_h = TARGET * mean(L_det) / mean(D_h)          (capped at MAX_MULTIPLIER when > 0)
+
+so that every head's total is ``TARGET`` times the detector loss at that point, and keeps
+``m_h`` for the rest of the run. A head's own terms keep their relative weights: each term is
+multiplied by its head's ``m_h``. The means are averaged over the processes of a multi-process
+run before ``m_h`` is computed, so every rank applies the same multipliers. Everything is kept
+in buffers, so the multipliers are checkpointed and restored on resume. Terms whose name ends
+in ``logvar`` (learned-weight regularisers, which may be negative) are scaled but not measured.
+"""
+
+from typing import Dict, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["LossBalance", "LOSS_BALANCE_MODES", "REGULARIZER_SUFFIXES"]
+
+LOSS_BALANCE_MODES = ("off", "initial")
+REGULARIZER_SUFFIXES = ("logvar",)
+
+
+class LossBalance(nn.Module):
+    """
+    Args:
+        head_names: the distillation heads, in a fixed order.
+        mode: "off" (multipliers stay 1: the paper weights) or "initial".
+        target: each head's total as a fraction of the detector loss after the measurement.
+        measure_iters: iterations with distillation on over which the means are taken.
+        max_multiplier: cap on a multiplier (0: no cap).
+    """
+
+    def __init__(self, head_names: Sequence[str], mode: str = "off", target: float = 1.0, measure_iters: int = 20,
+                 max_multiplier: float = 0.0):
+        super().__init__()
+        if mode not in LOSS_BALANCE_MODES:
+            raise ValueError(f"DISTILL.LOSS_BALANCE.MODE is {mode!r}; choose one of {LOSS_BALANCE_MODES}.")
+        if mode == "initial" and (target <= 0 or measure_iters < 1):
+            raise ValueError(
+                "DISTILL.LOSS_BALANCE needs TARGET > 0 and ITERS >= 1 in mode 'initial' "
+                f"(got TARGET {target}, ITERS {measure_iters})."
+            )
+        self.head_names = list(head_names)
+        self.mode = mode
+        self.target = float(target)
+        self.measure_iters = int(measure_iters)
+        self.max_multiplier = float(max_multiplier)
+        n = len(self.head_names)
+        self.register_buffer("multipliers", torch.ones(n, dtype=torch.float64))
+        self.register_buffer("head_sums", torch.zeros(n, dtype=torch.float64))
+        self.register_buffer("detector_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("measured", torch.zeros((), dtype=torch.long))
+        self.register_buffer("frozen", torch.tensor(mode == "off"))
+
+    @classmethod
+    def from_config(cls, cfg, head_names: Sequence[str]) -> "LossBalance":
+        opts = cfg.DISTILL.LOSS_BALANCE
+        return cls(head_names, opts.MODE, opts.TARGET, opts.ITERS, opts.MAX_MULTIPLIER)
+
+    def multiplier(self, head_name: str) -> float:
+        return float(self.multipliers[self.head_names.index(head_name)])
+
+    def as_dict(self) -> Dict[str, float]:
+        return {name: float(m) for name, m in zip(self.head_names, self.multipliers)}
+
+    @torch.no_grad()
+    def observe(self, head_terms: Dict[str, Dict[str, torch.Tensor]], detector_losses: Dict[str, torch.Tensor]) -> bool:
+        """
+        Record one iteration with distillation on (``head_terms``: head -> term -> value, before
+        any multiplier). Returns True at the iteration that fixes the multipliers.
+        """
+        if bool(self.frozen):
+            return False
+        for i, name in enumerate(self.head_names):
+            measured = [v for t, v in head_terms.get(name, {}).items() if not t.endswith(REGULARIZER_SUFFIXES)]
+            self.head_sums[i] += float(sum(float(v.detach()) for v in measured))
+        self.detector_sum += float(sum(float(v.detach()) for v in detector_losses.values()))
+        self.measured += 1
+        if int(self.measured) < self.measure_iters:
+            return False
+        self._fix()
+        return True
+
+    def _fix(self):
+        sums = torch.cat([self.head_sums, self.detector_sum.reshape(1)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            reduced = sums.to(torch.float64)
+            dist.all_reduce(reduced)  # same sums, same count on every rank: the same multipliers
+            sums = reduced / dist.get_world_size()
+        head_means = sums[:-1] / float(self.measured)
+        detector_mean = sums[-1] / float(self.measured)
+        multipliers = torch.where(
+            head_means > 0, self.target * detector_mean / head_means.clamp(min=1e-12), torch.ones_like(head_means)
+        )
+        if self.max_multiplier > 0:
+            multipliers = multipliers.clamp(max=self.max_multiplier)
+        self.multipliers.copy_(multipliers)
+        self.frozen.fill_(True)
