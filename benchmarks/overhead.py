@@ -5,6 +5,7 @@ Training-time overhead of each distillation method on BCCD (R50 teacher -> R18 s
     python benchmarks/overhead.py                       # every method
     python benchmarks/overhead.py --methods fitnet kd --steps 30
     python benchmarks/overhead.py --quick --output-dir /tmp/q
+    python benchmarks/overhead.py --teacher-precision fp32 bf16 --tag teacher_precision
 
 For each method, in one process, after warm-up, on the same batches (interleaved, so
 background load hits all three alike), the median time of
@@ -17,6 +18,10 @@ background load hits all three alike), the median time of
 
 and ``ratio = t_distill / (t_student + t_teacher)``. Targets: <= 1.10 for methods whose
 heads use only features, <= 1.15 for methods using the RoI head.
+
+``--teacher-precision fp32 bf16`` measures each method once per ``DISTILL.TEACHER.PRECISION``
+(the teacher's forward under autocast in that dtype; the heads receive fp32 records), one row
+each: ``t_teacher`` and ``t_distill`` show what a reduced-precision teacher saves.
 
 Peak memory of each phase = memory of the tensors the phase keeps (parameters, buffers,
 optimizer state of the models it uses) + the transient peak during the step. The transient
@@ -109,6 +114,13 @@ def build_parser():
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; --quick: 1)")
     p.add_argument("--output-dir", help="default benchmarks/results (--quick: output/benchmarks/quick)")
     p.add_argument("--tag", help="suffix of the results name (overhead_<tag>.json: another set of methods)")
+    p.add_argument(
+        "--teacher-precision",
+        nargs="+",
+        default=None,
+        metavar="P",
+        help="DISTILL.TEACHER.PRECISION values to measure each method with (fp32, bf16, fp16; default: the configs')",
+    )
     p.add_argument("--quick", action="store_true", help="smoke test: 1 method, 128 px, batch 2, 1+2 steps")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides for student and methods")
     return p
@@ -198,6 +210,7 @@ def measure_method(method, config, args, opts, tmpdir, cache, probe, device):
     row = OrderedDict(
         method=method,
         config=config,
+        teacher_precision=cfg.DISTILL.TEACHER.PRECISION or "step",
         heads=list(cfg.DISTILL.HEADS),
         teacher_parts=parts,
         uses_roi_head=roi,
@@ -238,6 +251,7 @@ def render_markdown(report: dict) -> str:
         rows.append(
             [
                 r["method"],
+                r.get("teacher_precision", "step"),
                 r["student"],
                 "+".join(r["teacher_parts"]) or "–",
                 f"{t['student']['median']:.0f}",
@@ -259,6 +273,7 @@ def render_markdown(report: dict) -> str:
         f"(short side {s['min_size_train']}), {s['warmup']} warm-up + {s['steps']} timed steps per phase, medians. "
         f"Teacher weights: {s['teacher_weights']}.",
         "",
+        "Teacher precision: DISTILL.TEACHER.PRECISION (\"step\": the training step's, fp32 here). "
         "ratio = t_distill / (t_student + t_teacher); target ≤ 1.10 (feature heads) or ≤ 1.15 (RoI heads). "
         "Memory (MB) = kept tensors (parameters, buffers, optimizer state) + transient peak of the step "
         f"({s['memory_method']}); target mem_distill ≤ 1.10 × (mem_student + mem_teacher).",
@@ -266,6 +281,7 @@ def render_markdown(report: dict) -> str:
         markdown_table(
             [
                 "Method",
+                "teacher precision",
                 "student",
                 "teacher runs",
                 "t_student ms",
@@ -279,7 +295,7 @@ def render_markdown(report: dict) -> str:
                 "mem ratio",
             ],
             rows,
-            align="lllrrrrlrrrr",
+            align="llllrrrrlrrrr",
         ),
         f"Made by `{report['command']}` on {report['provenance']['date']}, commit "
         f"{(report['provenance']['git'].get('commit') or '?')[:12]}"
@@ -330,17 +346,21 @@ def _main(args, argv) -> int:
         None: "unavailable on this system",
     }[probe.kind]
     rows, cache, failures, notes = [], {}, [], set()
+    precisions = args.teacher_precision or [None]
+    runs = [(m, p) for m in methods for p in precisions]
     with tempfile.TemporaryDirectory(prefix="d2kd_overhead_") as tmpdir:
-        for i, method in enumerate(methods):
+        for i, (method, precision) in enumerate(runs):
             start = time.time()
+            label = method + (f" (teacher {precision})" if precision else "")
             if not load_config(available[method], opts).DISTILL.HEADS:  # e.g. DISTILL.INHERIT alone
-                print(f"[{i + 1}/{len(methods)}] {method}: skipped (no DISTILL.HEADS, no distillation step)")
+                print(f"[{i + 1}/{len(runs)}] {label}: skipped (no DISTILL.HEADS, no distillation step)")
                 continue
+            run_opts = merge_opts(opts, ["DISTILL.TEACHER.PRECISION", precision] if precision else [])
             try:
-                row = measure_method(method, available[method], args, opts, tmpdir, cache, probe, device)
+                row = measure_method(method, available[method], args, run_opts, tmpdir, cache, probe, device)
             except Exception as e:  # one broken method must not hide the others' numbers
-                failures.append(method)
-                print(f"[{i + 1}/{len(methods)}] {method}: FAILED ({type(e).__name__}: {e})", flush=True)
+                failures.append(label)
+                print(f"[{i + 1}/{len(runs)}] {label}: FAILED ({type(e).__name__}: {e})", flush=True)
                 continue
             gc.collect()
             rows.append(row)
@@ -348,7 +368,7 @@ def _main(args, argv) -> int:
             t = row["time_ms"]
             mem = row.get("memory_mb")
             print(
-                f"[{i + 1}/{len(methods)}] {method} ({time.time() - start:.0f} s): "
+                f"[{i + 1}/{len(runs)}] {label} ({time.time() - start:.0f} s): "
                 f"student {t['student']['median']:.0f} ms, "
                 f"teacher[{'+'.join(row['teacher_parts']) or '-'}] {t['teacher']['median']:.0f} ms, distill "
                 f"{t['distill']['median']:.0f} ms -> ratio = t_distill / (t_student + t_teacher) = {row['ratio']:.3f} "
@@ -380,6 +400,7 @@ def _main(args, argv) -> int:
             memory_steps=args.memory_steps,
             memory_method=memory_method,
             teacher_weights="; ".join(sorted(notes)) or "?",
+            teacher_precisions=[p or "step" for p in precisions],
             opts=opts,
         ),
         methods=rows,

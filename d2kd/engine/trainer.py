@@ -26,7 +26,7 @@ from ..modeling.loss_balance import LossBalance
 from ..modeling.schedule import DistillSchedule
 from ..modeling.teacher import build_teacher, build_teacher_cfg
 from ..data.mapper import SafeDatasetMapper
-from ..data.sampler import ResumedTrainingSampler
+from ..data.sampler import ResumedTrainingSampler, SeededMapDataset
 from .amp import build_step_trainer
 from .checkpoint import SafeCheckpointer
 from .hooks import (
@@ -154,7 +154,7 @@ class DistillTrainer(DefaultTrainer):
     def build_train_loader(cls, cfg, start_iter: int = 0):
         """
         Detectron2's train loader, whose sampler skips what ``start_iter`` iterations
-        consumed. With ``SEED >= 0`` the loader draws from its own seeded generator, not
+        consumed and whose samples are augmented from seeds of their stream positions. With ``SEED >= 0`` the loader draws from its own seeded generator, not
         torch's global one, so creating it does not shift the training's random stream.
         """
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
@@ -165,8 +165,17 @@ class DistillTrainer(DefaultTrainer):
         dataset = get_train_dataset_dicts(cfg)  # empty datasets fail with the fix
         per_rank_batch = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
         sampler = ResumedTrainingSampler(len(dataset), seed=seed, skip_per_rank=start_iter * per_rank_batch)
-        return build_detection_train_loader(
-            cfg, dataset=dataset, sampler=sampler, seed=seed, mapper=SafeDatasetMapper(cfg, True)
+        # Each sample's augmentation is seeded by its stream position, so a resume is exact for
+        # any DATALOADER.NUM_WORKERS (d2kd.data.sampler).
+        dataset = SeededMapDataset(dataset, SafeDatasetMapper(cfg, True), sampler.seed)
+        return build_detection_train_loader(  # explicit arguments: from a cfg, Detectron2 would add its own mapper
+            dataset,
+            mapper=None,
+            sampler=sampler,
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+            seed=seed,
         )
 
     @classmethod

@@ -9,6 +9,7 @@ from ..losses import binary_kd_div
 from ..losses.sigmoid_kd import BINARY_KD_FORMS
 from .base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
 from .dense_outputs import DenseOutputsMixin
+from ..losses.precision import fp32
 
 __all__ = ["DenseKD"]
 
@@ -121,7 +122,7 @@ class DenseKD(DenseOutputsMixin, DistillHead):
         terms = binary_kd_div(s_logits, t_logits, self.temperature, self.form)
         if self.gamma > 0:
             t = self.temperature
-            gap = (torch.sigmoid(s_logits / t) - torch.sigmoid(t_logits.detach() / t)).abs()
+            gap = (torch.sigmoid(fp32(s_logits) / t) - torch.sigmoid(fp32(t_logits.detach()) / t)).abs()
             terms = terms * gap.pow(self.gamma)
         if self.normalizer == "num_pos":
             labels = self.anchor_labels(student)

@@ -7,6 +7,7 @@ from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
+from .precision import fp32
 
 __all__ = ["weighted_imitation_loss", "weighted_imitation_losses", "standardize_features", "IMITATION_DISTANCES"]
 
@@ -14,7 +15,8 @@ IMITATION_DISTANCES = ("l2", "l1", "smooth_l1")
 
 
 def standardize_features(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Zero mean and unit variance per image and channel over ``(H, W)``."""
+    """Zero mean and unit variance per image and channel over ``(H, W)``, in fp32."""
+    x = fp32(x)  # fp32 statistics under mixed precision
     mean = x.mean(dim=(2, 3), keepdim=True)
     std = x.var(dim=(2, 3), keepdim=True, unbiased=False).add(eps).sqrt()
     return (x - mean) / std
@@ -75,7 +77,8 @@ def weighted_imitation_losses(
         raise ValueError(f"channel_reduction must be 'mean' or 'sum', got {channel_reduction!r}.")
     if normalizer not in ("weight_sum", "num_cells"):
         raise ValueError(f"normalizer must be 'weight_sum' or 'num_cells', got {normalizer!r}.")
-    diff = student - teacher.detach()
+    # fp32 distances, sums and normalisers, also under autocast (mixed precision).
+    diff = fp32(student) - fp32(teacher.detach())
     if distance == "l2":
         d = diff * diff
     elif distance == "l1":

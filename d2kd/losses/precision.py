@@ -10,7 +10,7 @@ beyond the rounding of the features themselves.
 
 import torch
 
-__all__ = ["full_precision", "match_parameter_dtype"]
+__all__ = ["fp32", "full_precision", "match_parameter_dtype"]
 
 
 def full_precision(like: torch.Tensor):
@@ -27,3 +27,8 @@ def match_parameter_dtype(x: torch.Tensor, parameter: torch.Tensor) -> torch.Ten
     if x.dtype != parameter.dtype and x.is_floating_point() and not torch.is_autocast_enabled(x.device.type):
         return x.to(parameter.dtype)
     return x
+
+
+def fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least single precision: bf16/fp16 -> fp32; fp32 and fp64 (tests' references) unchanged."""
+    return x if x.dtype in (torch.float32, torch.float64) or not x.is_floating_point() else x.float()

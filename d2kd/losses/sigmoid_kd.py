@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+from .precision import fp32
 
 __all__ = ["binary_kd_div"]
 
@@ -33,7 +34,7 @@ def binary_kd_div(
         form: "kl" or "bce".
 
     Returns:
-        The element-wise losses, of the inputs' shape; the caller sums and normalises (over
+        The element-wise losses (fp32), of the inputs' shape; the caller sums and normalises (over
         classes and anchors, by the number of positive anchors as focal loss does).
     """
     if student_logits.shape != teacher_logits.shape:
@@ -46,9 +47,10 @@ def binary_kd_div(
     t = float(temperature)
     if t <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    teacher_scaled = teacher_logits.detach().to(student_logits.dtype) / t
+    # fp32 sigmoids and divergences, also under autocast (mixed precision).
+    teacher_scaled = fp32(teacher_logits.detach()) / t
     q = torch.sigmoid(teacher_scaled)
-    loss = F.binary_cross_entropy_with_logits(student_logits / t, q, reduction="none")
+    loss = F.binary_cross_entropy_with_logits(fp32(student_logits) / t, q, reduction="none")
     if form == "kl":
         loss = loss - F.binary_cross_entropy_with_logits(teacher_scaled, q, reduction="none")
     return loss * (t * t)

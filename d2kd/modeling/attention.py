@@ -9,6 +9,7 @@ For ``A`` of shape ``(B, C, H, W)``:
 
 import torch
 import torch.nn.functional as F
+from ..losses.precision import fp32
 
 __all__ = [
     "spatial_attention",
@@ -21,13 +22,13 @@ __all__ = [
 
 
 def spatial_attention(features: torch.Tensor) -> torch.Tensor:
-    """``G^s(A)_{h,w} = (1/C) sum_c |A_{c,h,w}|``, shape ``(B, H, W)``."""
-    return features.abs().mean(dim=1)
+    """``G^s(A)_{h,w} = (1/C) sum_c |A_{c,h,w}|``, shape ``(B, H, W)``, in fp32."""
+    return fp32(features).abs().mean(dim=1)
 
 
 def channel_attention(features: torch.Tensor) -> torch.Tensor:
-    """``G^c(A)_c = (1/HW) sum_{h,w} |A_{c,h,w}|``, shape ``(B, C)``."""
-    return features.abs().mean(dim=(2, 3))
+    """``G^c(A)_c = (1/HW) sum_{h,w} |A_{c,h,w}|``, shape ``(B, C)``, in fp32."""
+    return fp32(features).abs().mean(dim=(2, 3))
 
 
 def spatial_attention_mask(features: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -49,9 +50,9 @@ def spatial_softmax_mask(attention: torch.Tensor, temperature: float) -> torch.T
     sum ``G^s(S) + G^s(T)`` of FBKD's paper-form mask (Zhang & Ma 2021, Sec. 3.1).
     """
     b, h, w = attention.shape
-    return (h * w * F.softmax(attention.reshape(b, -1) / temperature, dim=1)).reshape(b, h, w)
+    return (h * w * F.softmax(fp32(attention).reshape(b, -1) / temperature, dim=1)).reshape(b, h, w)
 
 
 def channel_softmax_mask(attention: torch.Tensor, temperature: float) -> torch.Tensor:
     """``C * softmax_c(G / T)`` of a given channel attention vector ``G`` (B, C)."""
-    return attention.shape[1] * F.softmax(attention / temperature, dim=1)
+    return attention.shape[1] * F.softmax(fp32(attention) / temperature, dim=1)

@@ -118,19 +118,31 @@ def box_value_mask(
     """
     if reduce not in ("max", "overwrite"):
         raise ValueError(f"reduce must be 'max' or 'overwrite', got {reduce!r}")
-    mask = torch.zeros(feature_hw, dtype=torch.float32, device=boxes.device)
-    windows = box_windows(boxes, stride, feature_hw, convention)
-    for (x0, y0, x1, y1), value in zip(windows.tolist(), values.tolist()):
-        region = mask[y0:y1, x0:x1]
-        mask[y0:y1, x0:x1] = torch.clamp(region, min=value) if reduce == "max" else value
-    return mask
+    h, w = (int(v) for v in feature_hw)
+    device = boxes.device
+    values = values.to(device=device, dtype=torch.float32)
+    if len(boxes) == 0:
+        return torch.zeros((h, w), dtype=torch.float32, device=device)
+    # Each box's window as an (N, H, W) indicator, built on the boxes' device (no host sync).
+    x0, y0, x1, y1 = box_windows(boxes, stride, (h, w), convention).unbind(1)
+    ys = torch.arange(h, device=device)
+    xs = torch.arange(w, device=device)
+    rows = (ys[None] >= y0[:, None]) & (ys[None] < y1[:, None])  # (N, H)
+    cols = (xs[None] >= x0[:, None]) & (xs[None] < x1[:, None])  # (N, W)
+    inside = rows[:, :, None] & cols[:, None, :]  # (N, H, W)
+    if reduce == "max":  # max(0, the values of the boxes covering a cell)
+        return torch.where(inside, values[:, None, None], values.new_zeros(())).amax(dim=0).clamp(min=0)
+    # "overwrite": the last box covering a cell wins (0 where none does)
+    order = torch.arange(1, len(boxes) + 1, device=device)[:, None, None]
+    last = (inside * order).amax(dim=0)  # (H, W), 1-based box index, 0 = no box
+    return torch.where(last > 0, values[(last - 1).clamp(min=0)], values.new_zeros(()))
 
 
 def box_mask(
     boxes: torch.Tensor, stride: float, feature_hw: Tuple[int, int], convention: str = "inclusive"
 ) -> torch.Tensor:
     """Binary ``(H, W)`` union of the boxes' windows."""
-    return box_value_mask(boxes, torch.ones(len(boxes)), stride, feature_hw, convention=convention)
+    return box_value_mask(boxes, torch.ones(len(boxes), device=boxes.device), stride, feature_hw, convention=convention)
 
 
 def feature_level(stride: float) -> int:

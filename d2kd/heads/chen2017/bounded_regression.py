@@ -7,6 +7,7 @@ sample on the whole box-delta vector, and only the student's distance carries gr
 """
 
 import torch
+from ...losses.precision import fp32
 
 __all__ = ["regression_distance", "teacher_bounded_regression", "REGRESSION_NORMS"]
 
@@ -18,7 +19,7 @@ def regression_distance(pred: torch.Tensor, target: torch.Tensor, norm: str = "l
     Per-sample distance of ``(R, D)`` vectors: ``||pred - target||_2^2`` ("l2", Eq. 4) or
     ``||pred - target||_1`` ("l1", the variant Chen et al. mention). Returns ``(R,)``.
     """
-    diff = pred - target
+    diff = fp32(pred) - fp32(target)  # fp32 norms (mixed precision)
     if norm == "l2":
         return (diff * diff).sum(dim=1)
     if norm == "l1":

@@ -23,6 +23,7 @@ from ...modeling.feature_pairs import FeaturePairing, add_feature_pairing_config
 from ..base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
 from ..roi_logits import RoILogitsMixin, check_roi_logits
 from ..rpn_outputs import RPNOutputsMixin, check_rpn_outputs
+from ...losses.precision import fp32
 
 __all__ = ["Chen2017"]
 
@@ -325,7 +326,7 @@ class Chen2017(RPNOutputsMixin, RoILogitsMixin, DistillHead):
                 z_s, t_logits[mask], 1.0, self.bg_weight, self.temperature
             ).sum() / normalizer
             labels = sampled.labels[mask].to(z_s.dtype)
-            hard = F.binary_cross_entropy_with_logits(z_s, labels, reduction="sum") / normalizer
+            hard = F.binary_cross_entropy_with_logits(fp32(z_s), fp32(labels), reduction="sum") / normalizer
             terms["rpn_cls"] = self.rpn_cls_weight * (1.0 - self.mu) * soft
             terms["rpn_cls_hard"] = self.rpn_cls_weight * (self.mu - 1.0) * hard
         if self.reg_enabled:
@@ -346,7 +347,7 @@ class Chen2017(RPNOutputsMixin, RoILogitsMixin, DistillHead):
         if self.cls_enabled:
             weights = background_last_class_weights(self.num_classes, self.bg_weight, device=s_scores.device)
             soft = weighted_soft_cross_entropy(s_scores, t_scores, weights, self.temperature).sum() / normalizer
-            hard = F.cross_entropy(s_scores, gt_classes, reduction="sum") / normalizer
+            hard = F.cross_entropy(fp32(s_scores), gt_classes, reduction="sum") / normalizer
             terms["rcn_cls"] = self.rcn_cls_weight * (1.0 - self.mu) * soft
             terms["rcn_cls_hard"] = self.rcn_cls_weight * (self.mu - 1.0) * hard
         if self.reg_enabled:

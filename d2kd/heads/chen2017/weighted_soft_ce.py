@@ -10,6 +10,7 @@ from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from ...losses.precision import fp32
 
 __all__ = ["weighted_soft_cross_entropy", "binary_weighted_soft_cross_entropy", "background_last_class_weights"]
 
@@ -49,8 +50,9 @@ def weighted_soft_cross_entropy(
             "teacher and student must have the same classes."
         )
     t = float(temperature)
-    log_p_student = F.log_softmax(student_logits / t, dim=1)
-    p_teacher = F.softmax(teacher_logits.detach() / t, dim=1)
+    # fp32 softmaxes (mixed precision)
+    log_p_student = F.log_softmax(fp32(student_logits) / t, dim=1)
+    p_teacher = F.softmax(fp32(teacher_logits.detach()) / t, dim=1)
     terms = p_teacher * log_p_student
     if class_weights is not None:
         class_weights = torch.as_tensor(class_weights, dtype=terms.dtype, device=terms.device)
@@ -86,7 +88,7 @@ def binary_weighted_soft_cross_entropy(
             f"{tuple(teacher_logits.shape)}; both models must score the same anchors."
         )
     t = float(temperature)
-    z_s = student_logits / t
-    q = torch.sigmoid(teacher_logits.detach() / t)
+    z_s = fp32(student_logits) / t  # fp32 (mixed precision)
+    q = torch.sigmoid(fp32(teacher_logits.detach()) / t)
     # log sigma(z) = -softplus(-z), log(1 - sigma(z)) = -softplus(z): stable for large |z|.
     return foreground_weight * q * F.softplus(-z_s) + background_weight * (1.0 - q) * F.softplus(z_s)

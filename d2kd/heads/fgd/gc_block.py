@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...losses.precision import full_precision, match_parameter_dtype
+from ...losses.precision import fp32, full_precision, match_parameter_dtype
 
 __all__ = ["GlobalContextBlock"]
 
@@ -47,8 +47,8 @@ class GlobalContextBlock(nn.Module):
         b, c, h, w = x.shape
         logits = self.conv_mask(match_parameter_dtype(x, self.conv_mask.weight))
         with full_precision(x):
-            weights = F.softmax(logits.float().reshape(b, 1, h * w), dim=2)  # (B, 1, HW)
-            return torch.bmm(x.float().reshape(b, c, h * w), weights.transpose(1, 2)).reshape(b, c, 1, 1)
+            weights = F.softmax(fp32(logits).reshape(b, 1, h * w), dim=2)  # (B, 1, HW)
+            return torch.bmm(fp32(x).reshape(b, c, h * w), weights.transpose(1, 2)).reshape(b, c, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.channel_add(self.context(x)).to(x.dtype)

@@ -123,7 +123,8 @@ class FGFI(DistillHead):
         names = self.pairing.names
         if self.schedule(step.iteration) == 0.0:
             # Zero terms that touch every adapter, so DDP sees the same parameters used.
-            zero = sum((p.sum() * 0.0 for p in self.parameters()), torch.zeros(()))
+            start = student.output(self.anchor_path)[0].tensor.new_zeros(())  # on the step's device
+            zero = sum((p.sum() * 0.0 for p in self.parameters()), start)
             return {name: zero for name in names}
         anchors = student.output(self.anchor_path)
         gt_boxes = [gt_boxes_of(inst) for inst in step.gt_instances]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ...modeling.box_masks import box_windows
-from ...losses.precision import full_precision
+from ...losses.precision import fp32, full_precision
 
 __all__ = [
     "box_average_pool",
@@ -47,10 +47,13 @@ def box_average_pool(feature: torch.Tensor, boxes: torch.Tensor, stride: float) 
     x0, y0, x1, y1 = box_windows(boxes.float(), stride, (h, w)).unbind(1)
     hs = torch.arange(h, device=feature.device)
     ws = torch.arange(w, device=feature.device)
+    # fp32 window sums and means, also under autocast (mixed precision).
+    feature = fp32(feature)
     rows = ((hs[None] >= y0[:, None]) & (hs[None] < y1[:, None])).to(feature.dtype)  # (N, H)
     cols = ((ws[None] >= x0[:, None]) & (ws[None] < x1[:, None])).to(feature.dtype)  # (N, W)
-    sums = torch.einsum("chw,nw->nch", feature, cols)
-    sums = torch.einsum("nch,nh->nc", sums, rows)
+    with full_precision(feature):
+        sums = torch.einsum("chw,nw->nch", feature, cols)
+        sums = torch.einsum("nch,nh->nc", sums, rows)
     area = ((y1 - y0) * (x1 - x0)).to(feature.dtype)
     return sums / area[:, None]
 

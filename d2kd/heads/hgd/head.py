@@ -260,7 +260,7 @@ def _log_stage_scalars(name, stages, raw, weights):
         storage = get_event_storage()
     except AssertionError:  # outside a trainer (tests, pre-flight check)
         return
-    weights = weights.detach().cpu().tolist()
+    weights = weights.detach().tolist()  # logging reads the values (as Detectron2's metrics do)
     for i, stage in enumerate(stages):
         storage.put_scalar(f"kd_{name}/weight_{stage}", weights[i])
         storage.put_scalar(f"kd_{name}/raw_{stage}", float(raw[stage].detach()))

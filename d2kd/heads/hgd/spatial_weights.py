@@ -20,9 +20,9 @@ __all__ = ["MICRO_MODES", "gt_weight_map", "spatial_weight_map"]
 MICRO_MODES = ("none", "gt", "attention", "gt+attention")
 
 
-def _boxes_of(instances) -> torch.Tensor:
+def _boxes_of(instances, device=None) -> torch.Tensor:
     if instances is None or not instances.has("gt_boxes"):
-        return torch.zeros((0, 4))
+        return torch.zeros((0, 4), device=device)
     return instances.gt_boxes.tensor
 
 
@@ -41,10 +41,10 @@ def gt_weight_map(
     """
     maps = []
     for inst in gt_instances:
-        boxes = _boxes_of(inst)
+        boxes = _boxes_of(inst, device)
         mask = box_mask(boxes, stride, feature_hw) if len(boxes) else torch.zeros(feature_hw, device=boxes.device)
         maps.append(bg_weight + (fg_weight - bg_weight) * mask.float())
-    out = torch.stack(maps) if maps else torch.zeros((0,) + tuple(feature_hw))
+    out = torch.stack(maps) if maps else torch.zeros((0,) + tuple(feature_hw), device=device)
     return out.to(device) if device is not None else out
 
 
