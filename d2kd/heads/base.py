@@ -108,6 +108,13 @@ class DistillHead(nn.Module):
         self.teacher_methods: List[str] = []
         self.teacher_parts: Set[str] = set()
 
+    def capture_pairing(self, pairing, extra_student_modules=()):
+        """Record what ``pairing`` (a :class:`~d2kd.modeling.feature_pairs.FeaturePairing`) reads:
+        its student and teacher features; the teacher runs its backbone (and FPN) only."""
+        self.student_modules = list(pairing.student_modules) + list(extra_student_modules)
+        self.teacher_modules = list(pairing.teacher_modules)
+        self.teacher_parts = {"backbone"}
+
     @classmethod
     def registry_name(cls) -> str:
         return cls.__name__.lower()

@@ -38,9 +38,7 @@ class FitNet(DistillHead):
         super().__init__()
         self.weight = weight
         self.pairing = pairing
-        self.student_modules = list(self.pairing.student_modules)
-        self.teacher_modules = list(self.pairing.teacher_modules)
-        self.teacher_parts = {"backbone"}
+        self.capture_pairing(self.pairing)
 
     @classmethod
     def from_config(cls, cfg, context):

@@ -7,8 +7,11 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 from torch import nn
 
-from ..capture import feature_shapes
-from ..modeling.feature_pairs import FeaturePairing, add_feature_pairing_config, feature_pairing_from_config
+from ..modeling.feature_pairs import (
+    add_feature_pairing_config,
+    feature_pairing_adapting_mismatched_channels,
+    FeaturePairing,
+)
 from .base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
 
 __all__ = ["MGD", "MGDGenerator", "random_spatial_mask", "generation_distance"]
@@ -126,23 +129,13 @@ class MGD(DistillHead):
         self.generators = nn.ModuleDict(
             {name: MGDGenerator(self.pairing.teacher_channels[name]) for name in self.pairing.names}
         )
-        self.student_modules = list(self.pairing.student_modules)
-        self.teacher_modules = list(self.pairing.teacher_modules)
-        self.teacher_parts = {"backbone"}
+        self.capture_pairing(self.pairing)
 
     @classmethod
     def from_config(cls, cfg, context):
         opts = cls.options(cfg, context)
         _check_lambda(opts.LAMBDA)
-        node = opts.clone()
-        node.defrost()
-        teacher_names = list(opts.TEACHER_FEATURES) or list(opts.IN_FEATURES)
-        if len(teacher_names) == len(opts.IN_FEATURES):
-            s_shapes = feature_shapes(context.student, opts.IN_FEATURES, "student")
-            t_shapes = feature_shapes(context.teacher, teacher_names, "teacher")
-            if any(s_shapes[s].channels != t_shapes[t].channels for s, t in zip(opts.IN_FEATURES, teacher_names)):
-                node.ADAPTER.ENABLED = True
-        return {"pairing": feature_pairing_from_config(node, context, cfg), "alpha": opts.ALPHA, "lam": opts.LAMBDA}
+        return {"pairing": feature_pairing_adapting_mismatched_channels(opts, context, cfg), "alpha": opts.ALPHA, "lam": opts.LAMBDA}
 
     def mask(self, feature: torch.Tensor) -> torch.Tensor:
         """The random mask of an aligned ``(N, C, H, W)`` student map, on its device and in its dtype."""

@@ -5,8 +5,11 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
-from ..capture import feature_shapes
-from ..modeling.feature_pairs import FeaturePairing, add_feature_pairing_config, feature_pairing_from_config
+from ..modeling.feature_pairs import (
+    add_feature_pairing_config,
+    feature_pairing_adapting_mismatched_channels,
+    FeaturePairing,
+)
 from .base import DISTILL_HEAD_REGISTRY, DistillHead
 
 __all__ = ["PKD", "standardize_channels", "pearson_imitation_loss"]
@@ -90,22 +93,12 @@ class PKD(DistillHead):
         super().__init__()
         self.weight = weight
         self.pairing = pairing
-        self.student_modules = list(self.pairing.student_modules)
-        self.teacher_modules = list(self.pairing.teacher_modules)
-        self.teacher_parts = {"backbone"}
+        self.capture_pairing(self.pairing)
 
     @classmethod
     def from_config(cls, cfg, context):
         opts = cls.options(cfg, context)
-        node = opts.clone()
-        node.defrost()
-        teacher_names = list(opts.TEACHER_FEATURES) or list(opts.IN_FEATURES)
-        if len(teacher_names) == len(opts.IN_FEATURES):
-            s_shapes = feature_shapes(context.student, opts.IN_FEATURES, "student")
-            t_shapes = feature_shapes(context.teacher, teacher_names, "teacher")
-            if any(s_shapes[s].channels != t_shapes[t].channels for s, t in zip(opts.IN_FEATURES, teacher_names)):
-                node.ADAPTER.ENABLED = True
-        return {"pairing": feature_pairing_from_config(node, context, cfg), "weight": opts.WEIGHT}
+        return {"pairing": feature_pairing_adapting_mismatched_channels(opts, context, cfg), "weight": opts.WEIGHT}
 
     def forward(self, student, teacher, step):
         return {

@@ -167,6 +167,23 @@ def add_feature_pairing_config(node, in_features=(), kernel_size=1, init_std=0.0
     node.ADAPTER.RELU = relu
 
 
+def feature_pairing_adapting_mismatched_channels(node, context, cfg) -> FeaturePairing:
+    """
+    :func:`feature_pairing_from_config` whose adapters are on only when some student/teacher pair
+    differs in channels (``ADAPTER.ENABLED`` False otherwise): for losses that compare the raw
+    maps (CWD, PKD, MGD), an adapter is the channel alignment, not part of the method.
+    """
+    node = node.clone()
+    node.defrost()
+    teacher_names = list(node.TEACHER_FEATURES) or list(node.IN_FEATURES)
+    if len(teacher_names) == len(node.IN_FEATURES):
+        s_shapes = feature_shapes(context.student, node.IN_FEATURES, "student")
+        t_shapes = feature_shapes(context.teacher, teacher_names, "teacher")
+        if any(s_shapes[s].channels != t_shapes[t].channels for s, t in zip(node.IN_FEATURES, teacher_names)):
+            node.ADAPTER.ENABLED = True
+    return feature_pairing_from_config(node, context, cfg)
+
+
 def feature_pairing_from_config(node, context, cfg) -> FeaturePairing:
     """Build the :class:`FeaturePairing` that ``add_feature_pairing_config`` describes."""
     return FeaturePairing(

@@ -21,10 +21,20 @@ from d2kd.heads.fgd import FGD
 from d2kd.heads.fgfi.imitation_mask import imitation_mask
 from d2kd.heads.gkd.head import decoupled_feature_loss, global_knowledge_loss, response_loss
 from d2kd.heads.gkd.prototypes import box_average_pool, robust_weights, select_prototypes
+from d2kd.heads.mgd import MGD, generation_distance, random_spatial_mask
+from d2kd.heads.pkd import PKD, pearson_imitation_loss
 from d2kd.losses import kd_kl_div
 from d2kd.modeling.box_masks import assign_boxes_to_levels
 
-from conftest import FakeRCNN, backbone_records, fake_fpn_context, fake_rcnn_context, gt_instances, gt_step
+from conftest import (
+    FakeRCNN,
+    backbone_records,
+    empty_step,
+    fake_fpn_context,
+    fake_rcnn_context,
+    gt_instances,
+    gt_step,
+)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "parity")
 RTOL, ATOL = 1e-5, 1e-6
@@ -293,3 +303,97 @@ def test_gkd_prototype_picks_parity(case):
         kernel_width=o["kernel_width"], percentile=o["percentile"],
     )
     assert picks.tolist() == case["outputs"]["picks_fp32"], case["_source"]
+
+
+# ---------------------------------------------------------------------------------------- PKD
+@pytest.mark.parametrize("case", cases("pkd"))
+def test_pkd_parity(case):
+    """
+    WEIGHT * pearson_imitation_loss per level = mmrazor PKDLoss(loss_weight) on each pair; the
+    levels' sum = PKDLoss on the tuples. The head (p2, p3; no adapter at equal widths) resizes
+    the student to the teacher as PKDLoss(resize_stu=True) does.
+    """
+    i, weight = case["inputs"], case["options"]["loss_weight"]
+    students, teachers = [t(x) for x in i["student"]], [t(x) for x in i["teacher"]]
+    per_level = []
+    for k, (s, te) in enumerate(zip(students, teachers)):
+        if s.shape != te.shape:
+            s = F.interpolate(s, size=te.shape[-2:], mode="bilinear", align_corners=False)
+        per_level.append(weight * pearson_imitation_loss(s, te))
+        close(per_level[-1], case["outputs"]["per_level"][k], f"level {k} vs {case['_source']}")
+    close(sum(per_level), case["outputs"]["loss"], f"sum vs {case['_source']}")
+
+    if len(students) == 2:  # the head, on the two levels the fake FPN reports
+        cfg = get_distill_cfg()
+        cfg.DISTILL.PKD.IN_FEATURES = ["p2", "p3"]
+        cfg.DISTILL.PKD.WEIGHT = weight
+        c = students[0].shape[1]
+        head = PKD(cfg, fake_fpn_context(c, c))
+        assert not any(a.conv is not None for a in head.pairing.adapters.values())
+        with torch.no_grad():
+            out = head(backbone_records(dict(zip(("p2", "p3"), students))),
+                       backbone_records(dict(zip(("p2", "p3"), teachers))), empty_step())
+        for k, level in enumerate(("p2", "p3")):
+            close(out[level], case["outputs"]["per_level"][k], f"head {level} vs {case['_source']}")
+
+
+# ---------------------------------------------------------------------------------------- MGD
+def _mgd_case_head(case):
+    o, i = case["options"], case["inputs"]
+    cfg = get_distill_cfg()
+    cfg.DISTILL.MGD.IN_FEATURES = ["p2"]
+    cfg.DISTILL.MGD.ALPHA = o["alpha_mgd"]
+    cfg.DISTILL.MGD.LAMBDA = o["lambda_mgd"]
+    head = MGD(cfg, fake_fpn_context(o["student_channels"], o["teacher_channels"]))
+    conv = head.pairing.adapters["p2"].conv
+    assert (conv is None) == (not i["align_state"])  # an align conv exactly where the reference has one
+    with torch.no_grad():
+        if conv is not None:
+            conv.load_state_dict({k: t(v) for k, v in i["align_state"].items()})
+        head.generators["p2"].load_state_dict({k: t(v) for k, v in i["generation_state"].items()})
+    return head
+
+
+@pytest.mark.parametrize("case", cases("mgd"))
+def test_mgd_parity(case):
+    """
+    The MGD head with the fixture's align conv, generation block and mask = mmrazor's
+    MGDConnector + MGDLoss / yzd-v/MGD's FeatureLoss: the generated map, the distance
+    (sum / N, generation_distance) and ALPHA times it (the level's term).
+    """
+    i, o = case["inputs"], case["options"]
+    s, te, mask = t(i["student"]), t(i["teacher"]), t(i["mask"])
+    head = _mgd_case_head(case)
+    head.mask = lambda feature: mask.to(feature.dtype)  # the reference's draw, recorded
+    with torch.no_grad():
+        aligned, target = head.pairing.align("p2", s, te)
+        generated = head.generators["p2"](aligned * mask)
+        if "generated" in case["outputs"]:
+            close(generated, case["outputs"]["generated"], f"generated map vs {case['_source']}")
+        close(generation_distance(generated, target), case["outputs"]["dis_loss"], f"distance vs {case['_source']}")
+        out = head(backbone_records({"p2": s}), backbone_records({"p2": te}), empty_step())
+    # ALPHA is small (5e-7 / 2e-5): compare the term divided by it, so the tolerance is relative.
+    alpha = o["alpha_mgd"]
+    close(out["p2"] / alpha, case["outputs"]["loss"] / alpha, f"head term / ALPHA vs {case['_source']}")
+
+
+@pytest.mark.parametrize("case", cases("mgd"))
+def test_mgd_seeded_mask_parity(case):
+    """
+    On the CPU, the head's own mask after torch.manual_seed(mask_seed) is the reference's
+    (the same torch.rand((N, 1, H, W)) draw and rule), so the unpatched head gives its term.
+    """
+    i, o = case["inputs"], case["options"]
+    s, te, expected = t(i["student"]), t(i["teacher"]), t(i["mask"])
+    n, _, h, w = s.shape
+    torch.manual_seed(o["mask_seed"])
+    ours = random_spatial_mask(n, h, w, o["lambda_mgd"])
+    if not torch.equal(ours, expected):
+        pytest.skip(f"torch.rand after manual_seed({o['mask_seed']}) differs from the fixture's draw "
+                    f"(torch {torch.__version__}); the mask rule is compared in test_mgd_parity")
+    head = _mgd_case_head(case)
+    torch.manual_seed(o["mask_seed"])
+    with torch.no_grad():
+        out = head(backbone_records({"p2": s}), backbone_records({"p2": te}), empty_step())
+    alpha = o["alpha_mgd"]
+    close(out["p2"] / alpha, case["outputs"]["loss"] / alpha, f"seeded head term / ALPHA vs {case['_source']}")

@@ -17,12 +17,13 @@ Usage (every snapshot optional; a method whose snapshot is not given is skipped)
     python tools/parity/make_fixtures.py \
         --mmrazor /tmp/ref/mmrazor/.git --mdistiller /tmp/ref/mdistiller/.git \
         --fgd /tmp/ref/FGD/.git --defeat /tmp/ref/DeFeat.pytorch/.git \
-        --fgfi /tmp/ref/Distilling-Object-Detectors/.git --gkd /tmp/ref/DAVAR-Lab-ML/.git
+        --fgfi /tmp/ref/Distilling-Object-Detectors/.git --gkd /tmp/ref/DAVAR-Lab-ML/.git \
+        --mgd /tmp/ref/MGD/.git
 
-Repositories: open-mmlab/mmrazor (KD's KLDivergence, CWD, FBKD), megvii-research/mdistiller
+Repositories: open-mmlab/mmrazor (KD's KLDivergence, CWD, FBKD, PKD, MGD), megvii-research/mdistiller
 (KD), yzd-v/FGD, ggjy/DeFeat.pytorch, twangnh/Distilling-Object-Detectors (FGFI),
 hikvision-research/DAVAR-Lab-ML (Global Knowledge, folder
-ECCV22_Distilling_Object_Detectors_with_Global_Knowledge).
+ECCV22_Distilling_Object_Detectors_with_Global_Knowledge), yzd-v/MGD (MGD's det FeatureLoss).
 """
 
 import argparse
@@ -535,6 +536,145 @@ def make_gkd(repos):
     write("gkd", {"sources": sources, "cases": cases})
 
 
+# ------------------------------------------------------------------------------------ PKD
+def make_pkd(repos):
+    path = "mmrazor/models/losses/pkd_loss.py"
+    ns = load_defs(git_show(repos["mmrazor"][0], path), ["PKDLoss"], base_ns(), path)
+    sources = [source(repos, "mmrazor", path, ["PKDLoss.forward", "PKDLoss.norm"])]
+    PKDLoss = ns["PKDLoss"]
+    gen = torch.Generator().manual_seed(700)
+    n, c = 2, 4
+    cases = []
+    # (name, loss_weight, student (h, w) per level, teacher (h, w) per level, per-channel scale / shift)
+    settings = (
+        ("levels_w6", 6.0, [(6, 6), (3, 3)], [(6, 6), (3, 3)], False),
+        ("levels_w10_scaled", 10.0, [(6, 6), (3, 3), (2, 2)], [(6, 6), (3, 3), (2, 2)], True),
+        ("resize_student_w1", 1.0, [(5, 5), (4, 4)], [(6, 6), (3, 3)], False),
+    )
+    for name, weight, s_sizes, t_sizes, scaled in settings:
+        student = [rnd(gen, n, c, h, w, scale=1.5) for h, w in s_sizes]
+        teacher = [rnd(gen, n, c, h, w, scale=1.5) for h, w in t_sizes]
+        # Teacher maps correlated with the student's where the sizes agree (r well away from 0).
+        teacher = [np.round(0.6 * np.asarray(x) + 0.8 * np.asarray(y), 3).tolist() if np.shape(x) == np.shape(y) else y
+                   for x, y in zip(student, teacher)]
+        if scaled:  # channels of very different magnitude and offset (the teacher's)
+            teacher = [np.round(np.asarray(x) * np.array([0.01, 1.0, 30.0, 200.0])[None, :, None, None]
+                                + np.array([5.0, -2.0, 0.0, 40.0])[None, :, None, None], 3).tolist()
+                       for x in teacher]
+        loss_fn = PKDLoss(loss_weight=weight, resize_stu=True)
+        with torch.no_grad():
+            total = loss_fn(tuple(t32(x) for x in student), tuple(t32(x) for x in teacher))
+            per_level = [val(loss_fn(t32(x), t32(y))) for x, y in zip(student, teacher)]
+        cases.append({
+            "name": name, "source": 0,
+            "options": {"loss_weight": weight, "resize_stu": True},
+            "inputs": {"student": student, "teacher": teacher},
+            "outputs": {"loss": val(total), "per_level": per_level},
+        })
+    write("pkd", {"sources": sources, "cases": cases,
+                  "note": "Levels are passed as tuples (one term per pair, summed, times loss_weight); "
+                          "'per_level' is the same module on each pair alone. In 'resize_student_w1' the "
+                          "student maps are resized bilinearly to the teacher's (align_corners=False)."})
+
+
+# ------------------------------------------------------------------------------------ MGD
+class _BaseConnector(nn.Module):
+    """Stand-in for mmrazor's BaseConnector: ``forward`` is ``forward_train``."""
+
+    def __init__(self, init_cfg=None):
+        super().__init__()
+
+    def forward(self, feature):
+        return self.forward_train(feature)
+
+
+def _mgd_weights(gen, module):
+    """Seeded, rounded weights for every parameter of ``module``, loaded into it; returned as lists."""
+    state = {}
+    for key, p in module.state_dict().items():
+        scale = 0.3 if key.endswith("weight") else 0.1
+        state[key] = rnd(gen, *p.shape, scale=scale)
+    module.load_state_dict({k: t32(v) for k, v in state.items()})
+    return state
+
+
+def _mgd_mask(seed, shape, lam):
+    """The reference's mask for the draws after ``torch.manual_seed(seed)``: 0 where r > 1 - lambda, else 1."""
+    torch.manual_seed(seed)
+    draws = torch.rand(shape)
+    return torch.where(draws > 1 - lam, 0.0, 1.0)
+
+
+def make_mgd(repos):
+    gen = torch.Generator().manual_seed(800)
+    n, h, w = 2, 6, 6
+    sources, cases = [], []
+    if "mmrazor" in repos:
+        conn_path = "mmrazor/models/architectures/connectors/mgd_connector.py"
+        loss_path = "mmrazor/models/losses/mgd_loss.py"
+        git_dir = repos["mmrazor"][0]
+        cns = load_defs(git_show(git_dir, conn_path), ["MGDConnector"], base_ns(BaseConnector=_BaseConnector),
+                        conn_path)
+        lns = load_defs(git_show(git_dir, loss_path), ["MGDLoss"], base_ns(), loss_path)
+        sources += [source(repos, "mmrazor", conn_path, ["MGDConnector.__init__", "MGDConnector.forward_train"]),
+                    source(repos, "mmrazor", loss_path, ["MGDLoss.forward", "MGDLoss.get_dis_loss"])]
+        for name, cs, ct, alpha, lam, seed in (("mmrazor_equal_widths", 4, 4, 2e-5, 0.65, 801),
+                                               ("mmrazor_align_3to4", 3, 4, 5e-7, 0.45, 802)):
+            s, te = rnd(gen, n, cs, h, w, scale=1.5), rnd(gen, n, ct, h, w, scale=1.5)
+            conn = cns["MGDConnector"](cs, ct, lambda_mgd=lam)
+            state = _mgd_weights(gen, conn)
+            loss_fn = lns["MGDLoss"](alpha_mgd=alpha)
+            with torch.no_grad():
+                torch.manual_seed(seed)
+                generated = conn(t32(s))
+                mask = _mgd_mask(seed, (n, 1, h, w), lam)
+                aligned = conn.align(t32(s)) if conn.align is not None else t32(s)
+                assert torch.equal(conn.generation(aligned * mask), generated), "the recorded mask is not the one used"
+                loss = loss_fn(generated, t32(te))
+                dis = loss_fn.get_dis_loss(generated, t32(te))
+            cases.append({
+                "name": name, "source": len(sources) - 1,
+                "options": {"student_channels": cs, "teacher_channels": ct, "alpha_mgd": alpha, "lambda_mgd": lam,
+                            "mask_on_channel": False, "mask_seed": seed},
+                "inputs": {"student": s, "teacher": te, "mask": mask.tolist(),
+                           "align_state": {k[len("align."):]: v for k, v in state.items() if k.startswith("align.")},
+                           "generation_state": {k[len("generation."):]: v for k, v in state.items()
+                                                if k.startswith("generation.")}},
+                "outputs": {"loss": val(loss), "dis_loss": val(dis), "generated": val(generated)},
+            })
+    if "mgd" in repos:
+        path = "det/mmdet/distillation/losses/mgd.py"
+        ns = load_defs(git_show(repos["mgd"][0], path), ["FeatureLoss"], base_ns(), path)
+        sources.append(source(repos, "mgd", path, ["FeatureLoss.forward", "FeatureLoss.get_dis_loss"]))
+        for name, cs, ct, alpha, lam, seed in (("official_det_equal_widths", 4, 4, 2e-5, 0.65, 803),
+                                               ("official_det_align_3to4", 3, 4, 5e-7, 0.45, 804)):
+            s, te = rnd(gen, n, cs, h, w, scale=1.5), rnd(gen, n, ct, h, w, scale=1.5)
+            module = ns["FeatureLoss"](cs, ct, "p2", alpha_mgd=alpha, lambda_mgd=lam)
+            state = _mgd_weights(gen, module)
+            with torch.no_grad():
+                torch.manual_seed(seed)
+                loss = module(t32(s), t32(te))
+                module.alpha_mgd = 1.0
+                torch.manual_seed(seed)
+                dis = module(t32(s), t32(te))
+            mask = _mgd_mask(seed, (n, 1, h, w), lam)
+            cases.append({
+                "name": name, "source": len(sources) - 1,
+                "options": {"student_channels": cs, "teacher_channels": ct, "alpha_mgd": alpha, "lambda_mgd": lam,
+                            "mask_seed": seed},
+                "inputs": {"student": s, "teacher": te, "mask": mask.tolist(),
+                           "align_state": {k[len("align."):]: v for k, v in state.items() if k.startswith("align.")},
+                           "generation_state": {k[len("generation."):]: v for k, v in state.items()
+                                                if k.startswith("generation.")}},
+                "outputs": {"loss": val(loss), "dis_loss": val(dis)},
+            })
+    if cases:
+        write("mgd", {"sources": sources, "cases": cases,
+                      "note": "The mask is the one the reference drew (torch.rand((N, 1, H, W)) on the CPU after "
+                              "torch.manual_seed(mask_seed)); the align conv (when the widths differ) and the "
+                              "generation block carry the seeded weights recorded in align_state / generation_state."})
+
+
 # ------------------------------------------------------------------------------------ main
 REPOS = {
     "mmrazor": "open-mmlab/mmrazor",
@@ -543,6 +683,7 @@ REPOS = {
     "defeat": "ggjy/DeFeat.pytorch",
     "fgfi": "twangnh/Distilling-Object-Detectors",
     "gkd": "hikvision-research/DAVAR-Lab-ML",
+    "mgd": "yzd-v/MGD",
 }
 METHODS = {
     "kd": (make_kd, ("mmrazor", "mdistiller"), any),
@@ -552,6 +693,8 @@ METHODS = {
     "defeat": (make_defeat, ("defeat",), all),
     "fgfi": (make_fgfi, ("fgfi",), all),
     "gkd": (make_gkd, ("gkd",), all),
+    "pkd": (make_pkd, ("mmrazor",), all),
+    "mgd": (make_mgd, ("mmrazor", "mgd"), any),
 }
 
 

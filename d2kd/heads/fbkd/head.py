@@ -264,9 +264,7 @@ class FBKD(DistillHead):
                 )
                 self.non_local_adapters[n] = FeatureAdapter(cs, ct, kernel_size=1)
 
-        self.student_modules = list(self.pairing.student_modules)
-        self.teacher_modules = list(self.pairing.teacher_modules)
-        self.teacher_parts = {"backbone"}
+        self.capture_pairing(self.pairing)
 
     @classmethod
     def from_config(cls, cfg, context):

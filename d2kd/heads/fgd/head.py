@@ -126,9 +126,7 @@ class FGD(DistillHead):
         for name in self.pairing.names:
             self.gc_student[name] = GlobalContextBlock(self.pairing.teacher_channels[name])
             self.gc_teacher[name] = GlobalContextBlock(self.pairing.teacher_channels[name])
-        self.student_modules = list(self.pairing.student_modules)
-        self.teacher_modules = list(self.pairing.teacher_modules)
-        self.teacher_parts = {"backbone"}
+        self.capture_pairing(self.pairing)
 
     @classmethod
     def from_config(cls, cfg, context):

@@ -100,9 +100,7 @@ class FGFI(DistillHead):
         self.pairing = pairing
         self.anchor_index = {n: anchor_features.index(n) for n in self.pairing.names}
         self.levels = {n: feature_level(s) for n, s in self.pairing.student_strides.items()}
-        self.student_modules = list(self.pairing.student_modules) + [self.anchor_path]
-        self.teacher_modules = list(self.pairing.teacher_modules)
-        self.teacher_parts = {"backbone"}
+        self.capture_pairing(self.pairing, [self.anchor_path])
 
     @classmethod
     def from_config(cls, cfg, context):

@@ -336,9 +336,7 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
         # Iteration before which the prototypes were computed; -1 = never.
         self.register_buffer("prototype_iter", torch.tensor(-1, dtype=torch.long))
 
-        self.student_modules = list(self.pairing.student_modules)
-        self.teacher_modules = list(self.pairing.teacher_modules)
-        self.teacher_parts = {"backbone"}
+        self.capture_pairing(self.pairing)
         if self.response_weight > 0:
             self._require_response_outputs(student, teacher)
         elif self.two_stage:

@@ -161,9 +161,7 @@ class HGD(DistillHead):
             )
         except ValueError as e:
             raise DistillConfigError(f"DISTILL.HGD.MACRO: {e}") from e
-        self.student_modules = list(self.pairing.student_modules)
-        self.teacher_modules = list(self.pairing.teacher_modules)
-        self.teacher_parts = {"backbone"}
+        self.capture_pairing(self.pairing)
 
     @classmethod
     def from_config(cls, cfg, context):
