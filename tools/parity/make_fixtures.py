@@ -18,9 +18,10 @@ Usage (every snapshot optional; a method whose snapshot is not given is skipped)
         --mmrazor /tmp/ref/mmrazor/.git --mdistiller /tmp/ref/mdistiller/.git \
         --fgd /tmp/ref/FGD/.git --defeat /tmp/ref/DeFeat.pytorch/.git \
         --fgfi /tmp/ref/Distilling-Object-Detectors/.git --gkd /tmp/ref/DAVAR-Lab-ML/.git \
-        --mgd /tmp/ref/MGD/.git
+        --mgd /tmp/ref/MGD/.git --mmcv /tmp/ref/mmcv/.git
 
-Repositories: open-mmlab/mmrazor (KD's KLDivergence, CWD, FBKD, PKD, MGD), megvii-research/mdistiller
+Repositories: open-mmlab/mmrazor (KD's KLDivergence, CWD, FBKD, PKD, MGD), open-mmlab/mmcv (NonLocal2d,
+the block under mmrazor's FBKD connectors: FBKD's non-local cases, only when given), megvii-research/mdistiller
 (KD), yzd-v/FGD, ggjy/DeFeat.pytorch, twangnh/Distilling-Object-Detectors (FGFI),
 hikvision-research/DAVAR-Lab-ML (Global Knowledge, folder
 ECCV22_Distilling_Object_Detectors_with_Global_Knowledge), yzd-v/MGD (MGD's det FeatureLoss).
@@ -28,6 +29,7 @@ ECCV22_Distilling_Object_Detectors_with_Global_Knowledge), yzd-v/MGD (MGD's det 
 
 import argparse
 import contextlib
+from abc import ABCMeta
 import copy
 import json
 import os
@@ -97,6 +99,45 @@ def kaiming_init(module, a=0, mode="fan_out", nonlinearity="relu", bias=0, distr
         nn.init.kaiming_normal_(module.weight, a=a, mode=mode, nonlinearity=nonlinearity)
     if getattr(module, "bias", None) is not None:
         nn.init.constant_(module.bias, bias)
+
+
+def normal_init(module, mean=0, std=1, bias=0):
+    """Stand-in for mmengine.model.normal_init."""
+    if getattr(module, "weight", None) is not None:
+        nn.init.normal_(module.weight, mean, std)
+    if getattr(module, "bias", None) is not None:
+        nn.init.constant_(module.bias, bias)
+
+
+class _ConvModule(nn.Module):
+    """
+    Stand-in for mmcv.cnn.ConvModule as mmcv's non-local block builds it: ``conv [-> BN] [-> ReLU]``,
+    ``bias="auto"`` (a bias only without a norm), the BN under mmcv's name ``bn`` (``.norm`` returns it).
+    Only ``Conv2d`` and ``BN`` configs, the ones FBKD's connectors use.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias="auto",
+                 conv_cfg=None, norm_cfg=None, act_cfg=dict(type="ReLU")):
+        super().__init__()
+        if conv_cfg not in (None, {"type": "Conv2d"}) or norm_cfg not in (None, {"type": "BN"}):
+            raise NotImplementedError(f"stand-in ConvModule: conv_cfg {conv_cfg}, norm_cfg {norm_cfg}")
+        self.norm_cfg = norm_cfg
+        self.with_norm = norm_cfg is not None
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
+                              bias=(not self.with_norm) if bias == "auto" else bias)
+        if self.with_norm:
+            self.bn = nn.BatchNorm2d(out_channels)
+        self.activate = nn.ReLU() if act_cfg is not None else None
+
+    @property
+    def norm(self):
+        return self.bn if self.with_norm else None
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.with_norm:
+            x = self.bn(x)
+        return self.activate(x) if self.activate is not None else x
 
 
 def base_ns(**extra):
@@ -302,7 +343,106 @@ def make_fbkd(repos):
             "outputs": {"spatial_mask": val(spatial_mask), "channel_mask": val(channel_mask),
                         "raw_am": raw["am"], "raw_at_c": raw["at_c"], "raw_at_s": raw["at_s"]},
         })
-    write("fbkd", {"sources": sources, "cases": cases})
+    note = None
+    if "mmcv" in repos:
+        _fbkd_non_local_cases(repos, ns["forward"], conn_src, conn_path, sources, cases)
+        note = ("Non-local cases: mmrazor's connectors (their own __init__ and forward_train) on mmcv's NonLocal2d "
+                "(mode 'dot_product', sub_sample, BN after conv_out). NonLocal2d(sub_sample=True) already wraps g "
+                "and phi in MaxPool2d(2) and NonLocal2dMaxpoolNstride wraps them again in MaxPool2d(maxpool_stride), "
+                "so keys and values are max-pooled by 2 * maxpool_stride ('effective_pool_stride', checked when "
+                "the fixture is made). States use the reference modules' state_dict keys.")
+    else:
+        print("fbkd: no --mmcv snapshot, the non-local cases are left out")
+    write("fbkd", {"sources": sources, "cases": cases, **({"note": note} if note else {})})
+
+
+def _fbkd_non_local_state(gen, module):
+    """Seeded, rounded values for every float tensor of ``module``'s state (BN: weight ~ 1, var > 0), loaded."""
+    state = {}
+    for key, p in module.state_dict().items():
+        if not p.is_floating_point():
+            continue
+        leaf = key.rsplit(".", 1)[-1]
+        if ".bn." in key and leaf == "weight":
+            x = (1.0 + np.asarray(rnd(gen, *p.shape, scale=0.2))).round(3)
+        elif leaf == "running_var":
+            x = (0.5 + np.abs(np.asarray(rnd(gen, *p.shape, scale=0.5)))).round(3)
+        else:
+            scale = {"weight": 0.5, "bias": 0.1, "running_mean": 0.3}[leaf]
+            x = np.asarray(rnd(gen, *p.shape, scale=scale))
+        state[key] = x.tolist()
+    missing, unexpected = module.load_state_dict({k: t32(v) for k, v in state.items()}, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
+    return state
+
+
+def _fbkd_non_local_cases(repos, loss_forward, conn_src, conn_path, sources, cases):
+    """FBKD's non-local term: mmrazor's connectors with mmcv's NonLocal2d, seeded weights (not zero-initialised)."""
+    nl_path = "mmcv/cnn/bricks/non_local.py"
+    nl_ns = load_defs(
+        git_show(repos["mmcv"][0], nl_path), ["_NonLocalNd", "NonLocal2d"],
+        base_ns(ABCMeta=ABCMeta, ConvModule=_ConvModule, normal_init=normal_init, constant_init=constant_init),
+        nl_path,
+    )
+    cns = load_defs(conn_src, ["NonLocal2dMaxpoolNstride", "FBKDStudentConnector", "FBKDTeacherConnector"],
+                    base_ns(NonLocal2d=nl_ns["NonLocal2d"], BaseConnector=_BaseConnector), conn_path)
+    conn_index = len(sources)
+    sources += [source(repos, "mmrazor", conn_path,
+                       ["NonLocal2dMaxpoolNstride.__init__", "FBKDStudentConnector.__init__",
+                        "FBKDStudentConnector.forward_train", "FBKDTeacherConnector.__init__",
+                        "FBKDTeacherConnector.forward_train"]),
+                source(repos, "mmcv", nl_path, ["_NonLocalNd.__init__", "_NonLocalNd.init_weights",
+                                                "_NonLocalNd.dot_product", "_NonLocalNd.forward",
+                                                "NonLocal2d.__init__"])]
+    gen = torch.Generator().manual_seed(410)
+    n = 2
+    # (name, in_channels, reduction, maxpool_stride, (h, w), BN mode)
+    settings = (("nonlocal_c4_r2_pool2_train", 4, 2, 2, (8, 8), "train"),
+                ("nonlocal_c8_r4_pool4_train", 8, 4, 4, (17, 16), "train"),
+                ("nonlocal_c8_r4_pool2_eval", 8, 4, 2, (9, 10), "eval"))
+    for name, c, reduction, mp, (h, w), bn_mode in settings:
+        s, te = rnd(gen, n, c, h, w, scale=1.5), rnd(gen, n, c, h, w, scale=1.5)
+        kwargs = dict(in_channels=c, reduction=reduction, mode="dot_product", sub_sample=True, maxpool_stride=mp)
+        torch.manual_seed(411)  # the connectors' other layers (not part of the non-local term)
+        s_conn = cns["FBKDStudentConnector"](**kwargs)
+        t_conn = cns["FBKDTeacherConnector"](**kwargs)
+        s_state = _fbkd_non_local_state(gen, s_conn.student_non_local)
+        t_state = _fbkd_non_local_state(gen, t_conn.teacher_non_local)
+        adapt = {"non_local_adapt_w": rnd(gen, c, c, 1, 1, scale=0.5), "non_local_adapt_b": rnd(gen, c, scale=0.1)}
+        with torch.no_grad():
+            s_conn.non_local_adaptation.weight.copy_(t32(adapt["non_local_adapt_w"]))
+            s_conn.non_local_adaptation.bias.copy_(t32(adapt["non_local_adapt_b"]))
+        # float64: the maps sum many products (float32 rounding would be ~1e-6 of their scale); the code is
+        # dtype-agnostic, and the test runs d2kd's blocks in float64 too.
+        s_conn.double().train(bn_mode == "train")
+        t_conn.double().train(bn_mode == "train")
+        block = s_conn.student_non_local
+        inter = block.inter_channels
+        x = t32(s).double()
+        with torch.no_grad():
+            # The keys / values are pooled twice (2, then maxpool_stride): one max-pool of 2 * maxpool_stride.
+            conv_g = block.g[0][0]
+            assert torch.equal(block.g(x), F.max_pool2d(conv_g(x), 2 * mp)), "pooling is not 2 * maxpool_stride"
+            pooled_hw = list(block.g(x).shape[-2:])
+            s_relation = block(x)  # train mode: batch statistics (the running ones are updated, not used)
+            s_out = s_conn(x)
+            t_out = t_conn(t32(te).double())
+            loss_self = SimpleNamespace(mask_l2_weight=0, channel_weight=0, spatial_weight=0, nonloacl_weight=1,
+                                        loss_weight=1.0)
+            raw_nld = loss_forward(loss_self, s_out, t_out)
+        assert block.mode == "dot_product" and block.sub_sample and inter == max(c // reduction, 1)
+        cases.append({
+            "name": name, "term": "nonlocal", "source": conn_index, "extra_sources": [conn_index + 1, 1],
+            "options": {"in_channels": c, "reduction": reduction, "inter_channels": inter, "mode": "dot_product",
+                        "sub_sample": True, "maxpool_stride": mp, "effective_pool_stride": 2 * mp,
+                        "pooled_hw": pooled_hw, "norm_cfg": "BN", "bn_mode": bn_mode, "zeros_init": True,
+                        "dtype": "float64",
+                        "weights": "seeded (replace the zero / N(0, 0.01) init)"},
+            "inputs": {"student": s, "teacher": te, "student_non_local_state": s_state,
+                       "teacher_non_local_state": t_state, **adapt},
+            "outputs": {"student_relation": val(s_relation), "student_relation_adapt": val(s_out[4]),
+                        "teacher_relation": val(t_out[3]), "raw_nld": val(raw_nld)},
+        })
 
 
 # ------------------------------------------------------------------------------------ DeFeat
@@ -684,6 +824,7 @@ REPOS = {
     "fgfi": "twangnh/Distilling-Object-Detectors",
     "gkd": "hikvision-research/DAVAR-Lab-ML",
     "mgd": "yzd-v/MGD",
+    "mmcv": "open-mmlab/mmcv",
 }
 METHODS = {
     "kd": (make_kd, ("mmrazor", "mdistiller"), any),
