@@ -17,7 +17,6 @@ output/demo_quick and never writes into benchmarks/results.
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -27,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import demo  # noqa: E402  (tools/demo.py)
+from study.common import cpu_name  # noqa: E402  (benchmarks/study, beside this script)
 
 RESULTS = os.path.join(HERE, "results")
 DEFAULT_OUTPUT = os.path.join(RESULTS, "demo_seeds.md")
@@ -63,15 +63,6 @@ def _schedule(run):
     return int(cfg.SOLVER.MAX_ITER), int(cfg.INPUT.MIN_SIZE_TEST)
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _shown(path):
@@ -100,7 +91,7 @@ def render(args, argv, teacher, per_seed, wall_min):
         f"{heads}; short side {size}. COCO-style box AP (%) on {split}. Paired Δ: distilled minus baseline "
         "at the same seed (same initialisation, image order and flips), mean ± sample std over the seeds.",
         "",
-        f"Measured {datetime.date.today().isoformat()} on {_cpu_name()} "
+        f"Measured {datetime.date.today().isoformat()} on {cpu_name()} "
         f"({os.cpu_count()} cores seen), {wall_min:.1f} minutes in all (runs already trained were reused). Command:",
         "",
         f"    {command}",

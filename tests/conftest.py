@@ -264,6 +264,21 @@ def synthetic_batch(sizes=((128, 160), (128, 176)), empty=(1,)):
     return batch
 
 
+def head_step_terms(student, teacher, head):
+    """The ``loss_kd_*`` terms of one training step of ``head`` alone on ``synthetic_batch(empty=())``
+    (the samplers and random masks draw from the global generator, seeded here)."""
+    model = DistillationModel(student, teacher, torch.nn.ModuleDict({head.name: head}), DistillSchedule())
+    model.train()
+    torch.manual_seed(123)
+    try:
+        with EventStorage(0):
+            losses = model(synthetic_batch(empty=()))
+    finally:
+        model.student_recorder.remove()
+        model.teacher_recorder.remove()
+    return {k: v.detach() for k, v in losses.items() if k.startswith("loss_kd_")}
+
+
 def step(model, batch):
     """One training forward of a DistillationModel (losses dict)."""
     model.train()

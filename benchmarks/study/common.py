@@ -275,7 +275,7 @@ def provenance(device: Optional[str] = None) -> Dict:
         "torch": torch.__version__,
         "detectron2": d2_version,
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
@@ -286,7 +286,8 @@ def provenance(device: Optional[str] = None) -> Dict:
     return info
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -61,6 +61,11 @@ class LossBalance(nn.Module):
         self.register_buffer("detector_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("measured", torch.zeros((), dtype=torch.long))
         self.register_buffer("frozen", torch.tensor(mode == "off"))
+        self._fixed = None  # the multipliers as Python floats once frozen: no device sync per step
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._fixed = None  # a resumed state: read the buffers again
 
     @classmethod
     def from_config(cls, cfg, head_names: Sequence[str]) -> "LossBalance":
@@ -71,7 +76,12 @@ class LossBalance(nn.Module):
         return float(self.multipliers[self.head_names.index(head_name)])
 
     def as_dict(self) -> Dict[str, float]:
-        return {name: float(m) for name, m in zip(self.head_names, self.multipliers)}
+        if self._fixed is not None:
+            return dict(self._fixed)
+        values = {name: float(m) for name, m in zip(self.head_names, self.multipliers.tolist())}
+        if bool(self.frozen):
+            self._fixed = values
+        return dict(values)
 
     @torch.no_grad()
     def observe(self, head_terms: Dict[str, Dict[str, torch.Tensor]], detector_losses: Dict[str, torch.Tensor]) -> bool:
@@ -79,7 +89,7 @@ class LossBalance(nn.Module):
         Record one iteration with distillation on (``head_terms``: head -> term -> value, before
         any multiplier). Returns True at the iteration that fixes the multipliers.
         """
-        if bool(self.frozen):
+        if self._fixed is not None or bool(self.frozen):
             return False
         for i, name in enumerate(self.head_names):
             measured = [v for t, v in head_terms.get(name, {}).items() if not t.endswith(REGULARIZER_SUFFIXES)]
@@ -106,3 +116,4 @@ class LossBalance(nn.Module):
             multipliers = multipliers.clamp(max=self.max_multiplier)
         self.multipliers.copy_(multipliers)
         self.frozen.fill_(True)
+        self._fixed = None

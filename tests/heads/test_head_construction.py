@@ -12,8 +12,6 @@ import torch
 from detectron2.config import CfgNode as CN
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
-from detectron2.utils.events import EventStorage
 
 from d2kd import get_distill_cfg
 from d2kd.capture import Records
@@ -31,10 +29,8 @@ from d2kd.heads.hgd import HGD
 from d2kd.heads.hgd.stage_matching import match_stages
 from d2kd.heads.kd import KD
 from d2kd.heads.roi_logits import RoILogitsMixin
-from d2kd.modeling import DistillationModel
 from d2kd.modeling.feature_pairs import FeaturePairing
-from d2kd.modeling.schedule import DistillSchedule
-from conftest import fake_fpn_context, load_test_cfg
+from conftest import fake_fpn_context, head_step_terms, load_test_cfg
 
 RCNN = "bccd/student_R18_FPN.yaml"
 RETINANET = "bccd/retinanet_R18_FPN_student.yaml"
@@ -52,32 +48,8 @@ def _models(config, tmp_path, opts=()):
     return cfg, student, teacher
 
 
-def _batch(sizes=((128, 160), (128, 176))):
-    """Two images with a few boxes each (classes of BCCD: 0..2)."""
-    g = torch.Generator().manual_seed(0)
-    batch = []
-    for h, w in sizes:
-        instances = Instances((h, w))
-        boxes = [[10.0, 12.0, 60.0, 70.0], [70.0, 20.0, 90.0, 44.0], [30.0, 80.0, 120.0, 125.0]]
-        instances.gt_boxes = Boxes(torch.tensor(boxes))
-        instances.gt_classes = torch.tensor([0, 2, 1])
-        image = torch.randint(0, 256, (3, h, w), generator=g).to(torch.uint8)
-        batch.append({"image": image, "instances": instances, "height": h, "width": w})
-    return batch
 
 
-def _kd_terms(student, teacher, head):
-    """The ``loss_kd_*`` terms of one training step of ``head`` on the fixed batch."""
-    model = DistillationModel(student, teacher, torch.nn.ModuleDict({head.name: head}), DistillSchedule())
-    model.train()
-    torch.manual_seed(123)  # the RPN / RoI samplers draw from the global generator
-    try:
-        with EventStorage(0):
-            losses = model(_batch())
-    finally:
-        model.student_recorder.remove()
-        model.teacher_recorder.remove()
-    return {k: v.detach() for k, v in losses.items() if k.startswith("loss_kd_")}
 
 
 def _declared(head):
@@ -95,8 +67,8 @@ def _assert_same_head(from_cfg, explicit, student, teacher):
     assert type(explicit) is type(from_cfg) and explicit.name == from_cfg.name
     assert _declared(explicit) == _declared(from_cfg)
     explicit.load_state_dict(from_cfg.state_dict())  # strict: the same parameters and buffers
-    expected = _kd_terms(student, teacher, from_cfg)
-    got = _kd_terms(student, teacher, explicit)
+    expected = head_step_terms(student, teacher, from_cfg)
+    got = head_step_terms(student, teacher, explicit)
     assert expected and set(got) == set(expected)
     for key in expected:
         assert torch.isfinite(expected[key]), key

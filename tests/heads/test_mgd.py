@@ -7,16 +7,14 @@ import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
-from detectron2.utils.events import EventStorage
 
 from d2kd import get_distill_cfg
 from d2kd.heads import BuildContext, DistillConfigError
 from d2kd.heads.mgd import MGD, MGDGenerator, generation_distance, random_spatial_mask
-from d2kd.modeling import DistillationModel
 from d2kd.modeling.feature_pairs import FeaturePairing
-from d2kd.modeling.schedule import DistillSchedule
 
 from conftest import (
+    head_step_terms,
     CONFIGS,
     RETINA_STUDENT,
     backbone_records,
@@ -27,7 +25,6 @@ from conftest import (
     np64,
     np_conv1x1,
     random_features,
-    synthetic_batch,
     train,
 )
 
@@ -170,17 +167,6 @@ def test_mgd_mask_follows_the_feature_dtype_and_bad_lambda_is_rejected():
 # ---------------------------------------------------------------------------------------
 
 
-def _kd_terms(student, teacher, head):
-    model = DistillationModel(student, teacher, torch.nn.ModuleDict({head.name: head}), DistillSchedule())
-    model.train()
-    torch.manual_seed(123)  # the samplers and MGD's masks draw from the global generator
-    try:
-        with EventStorage(0):
-            losses = model(synthetic_batch(empty=()))
-    finally:
-        model.student_recorder.remove()
-        model.teacher_recorder.remove()
-    return {k: v.detach() for k, v in losses.items() if k.startswith("loss_kd_")}
 
 
 @pytest.mark.parametrize(
@@ -203,7 +189,7 @@ def test_mgd_explicit_construction_equals_config_and_default_levels(tmp_path, co
     for attr in ("student_modules", "student_methods", "teacher_modules", "teacher_methods", "teacher_parts"):
         assert getattr(explicit, attr) == getattr(from_cfg, attr), attr
     explicit.load_state_dict(from_cfg.state_dict())  # strict: the same generator parameters
-    expected, got = _kd_terms(student, teacher, from_cfg), _kd_terms(student, teacher, explicit)
+    expected, got = head_step_terms(student, teacher, from_cfg), head_step_terms(student, teacher, explicit)
     assert sorted(expected) == sorted(f"loss_kd_mgd_{l}" for l in levels) == sorted(got)
     for key in expected:
         assert torch.isfinite(expected[key]) and expected[key] > 0, key
