@@ -6,6 +6,7 @@ Training-time overhead of each distillation method on BCCD (R50 teacher -> R18 s
     python benchmarks/overhead.py --methods fitnet kd --steps 30
     python benchmarks/overhead.py --quick --output-dir /tmp/q
     python benchmarks/overhead.py --teacher-precision fp32 bf16 --tag teacher_precision
+    python benchmarks/overhead.py --step-precision fp32 bf16 --tag amp
 
 For each method, in one process, after warm-up, on the same batches (interleaved, so
 background load hits all three alike), the median time of
@@ -22,6 +23,13 @@ heads use only features, <= 1.15 for methods using the RoI head.
 ``--teacher-precision fp32 bf16`` measures each method once per ``DISTILL.TEACHER.PRECISION``
 (the teacher's forward under autocast in that dtype; the heads receive fp32 records), one row
 each: ``t_teacher`` and ``t_distill`` show what a reduced-precision teacher saves.
+
+``--step-precision fp32 bf16`` measures each method once per training-step precision: ``bf16``
+(or ``fp16`` on a GPU) is ``SOLVER.AMP.ENABLED`` -- every phase's forward and loss sum under
+``torch.autocast`` in that dtype, backward and SGD step on the fp32 parameters, as d2kd's
+trainers run AMP -- one row each, and the report adds the whole-step AMP speed-up
+(``t_student`` and ``t_distill`` in fp32 over the same in AMP). The fp16 rows time the step
+without a gradient scaler (its cost is one multiply of the loss and an unscale of the gradients).
 
 Peak memory of each phase = memory of the tensors the phase keeps (parameters, buffers,
 optimizer state of the models it uses) + the transient peak during the step. The transient
@@ -54,6 +62,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 from d2kd.config import load_config  # noqa: E402
+from d2kd.engine.amp import parse_precision  # noqa: E402
 from study import (  # noqa: E402
     BCCD_CONFIG_DIR,
     METHOD_CONFIG_PATTERN,
@@ -121,9 +130,57 @@ def build_parser():
         metavar="P",
         help="DISTILL.TEACHER.PRECISION values to measure each method with (fp32, bf16, fp16; default: the configs')",
     )
+    p.add_argument(
+        "--step-precision",
+        nargs="+",
+        default=None,
+        metavar="P",
+        help="training-step precisions to measure each method with: fp32 (AMP off) or bf16/fp16 "
+        "(SOLVER.AMP.ENABLED in that precision); the report adds the AMP speed-up (default: the configs')",
+    )
     p.add_argument("--quick", action="store_true", help="smoke test: 1 method, 128 px, batch 2, 1+2 steps")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides for student and methods")
     return p
+
+
+def _precision_name(dtype) -> str:
+    """How a row names its training-step precision: "fp32" (AMP off), "bf16" or "fp16" (AMP)."""
+    return {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def _step_precision_opts(name) -> list:
+    """The SOLVER.AMP options of a ``--step-precision`` value (none for the configs' own)."""
+    if name is None:
+        return []
+    dtype = parse_precision(name, "--step-precision")
+    if dtype == torch.float32:
+        return ["SOLVER.AMP.ENABLED", "False"]
+    return ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", _precision_name(dtype)]
+
+
+def amp_speedups(rows) -> list:
+    """
+    Per method (and teacher precision): the whole-step speed-up of mixed precision, from the rows
+    of one run measured in fp32 and in AMP: ``t_student`` fp32 / AMP and ``t_distill`` fp32 / AMP.
+    """
+    fp32 = {(r["method"], r.get("teacher_precision")): r for r in rows if r.get("step_precision") == "fp32"}
+    out = []
+    for r in rows:
+        base = fp32.get((r["method"], r.get("teacher_precision")))
+        if base is None or r.get("step_precision", "fp32") == "fp32":
+            continue
+        t, b = r["time_ms"], base["time_ms"]
+        out.append(
+            OrderedDict(
+                method=r["method"],
+                teacher_precision=r.get("teacher_precision"),
+                step_precision=r["step_precision"],
+                student_speedup=b["student"]["median"] / t["student"]["median"],
+                distill_speedup=b["distill"]["median"] / t["distill"]["median"],
+                teacher_speedup=b["teacher"]["median"] / t["teacher"]["median"],
+            )
+        )
+    return out
 
 
 def _sync(device):
@@ -153,19 +210,24 @@ def measure_method(method, config, args, opts, tmpdir, cache, probe, device):
     roi = "roi_box" in runner.parts
     target = TARGET_ROI if roi else TARGET_FEATURE
 
+    step_dtype = parse_precision(cfg.SOLVER.AMP.PRECISION) if cfg.SOLVER.AMP.ENABLED else None
+    if step_dtype is not None and device.type == "cpu" and step_dtype != torch.bfloat16:
+        raise ValueError("on a CPU, mixed precision runs in bf16 (CPU autocast); use --step-precision fp32 bf16")
+
     def run_student(batch):
-        train_step(student, student_opt, batch)
+        train_step(student, student_opt, batch, autocast=step_dtype)
 
     if dm.schedule(it) <= 0:
         raise RuntimeError("distillation is never active within SOLVER.MAX_ITER (DISTILL.WARMUP_ITERS/STOP_ITER)")
 
     def run_distill(batch):
-        losses = train_step(dm, distill_opt, batch)
+        losses = train_step(dm, distill_opt, batch, autocast=step_dtype)
         if not any(k.startswith("loss_kd_") for k in losses):
             raise RuntimeError(f"the distillation step returned no loss_kd_* term (got {sorted(losses)})")
 
     def run_teacher(batch, records):
-        runner(batch, records)
+        with torch.autocast(device.type, dtype=step_dtype, enabled=step_dtype is not None):
+            runner(batch, records)
 
     times = {"student": [], "teacher": [], "distill": []}
     with EventStorage(it) as storage:
@@ -211,6 +273,7 @@ def measure_method(method, config, args, opts, tmpdir, cache, probe, device):
         method=method,
         config=config,
         teacher_precision=cfg.DISTILL.TEACHER.PRECISION or "step",
+        step_precision=_precision_name(step_dtype),
         heads=list(cfg.DISTILL.HEADS),
         teacher_parts=parts,
         uses_roi_head=roi,
@@ -252,6 +315,7 @@ def render_markdown(report: dict) -> str:
             [
                 r["method"],
                 r.get("teacher_precision", "step"),
+                r.get("step_precision", "fp32"),
                 r["student"],
                 "+".join(r["teacher_parts"]) or "–",
                 f"{t['student']['median']:.0f}",
@@ -273,7 +337,7 @@ def render_markdown(report: dict) -> str:
         f"(short side {s['min_size_train']}), {s['warmup']} warm-up + {s['steps']} timed steps per phase, medians. "
         f"Teacher weights: {s['teacher_weights']}.",
         "",
-        "Teacher precision: DISTILL.TEACHER.PRECISION (\"step\": the training step's, fp32 here). "
+        "Teacher precision: DISTILL.TEACHER.PRECISION (\"step\": the training step's, fp32 unless the step precision says AMP). "
         "ratio = t_distill / (t_student + t_teacher); target ≤ 1.10 (feature heads) or ≤ 1.15 (RoI heads). "
         "Memory (MB) = kept tensors (parameters, buffers, optimizer state) + transient peak of the step "
         f"({s['memory_method']}); target mem_distill ≤ 1.10 × (mem_student + mem_teacher).",
@@ -282,6 +346,7 @@ def render_markdown(report: dict) -> str:
             [
                 "Method",
                 "teacher precision",
+                "step precision",
                 "student",
                 "teacher runs",
                 "t_student ms",
@@ -295,8 +360,9 @@ def render_markdown(report: dict) -> str:
                 "mem ratio",
             ],
             rows,
-            align="llllrrrrlrrrr",
+            align="lllllrrrrlrrrr",
         ),
+        *_amp_lines(report.get("amp_speedup") or []),
         f"Made by `{report['command']}` on {report['provenance']['date']}, commit "
         f"{(report['provenance']['git'].get('commit') or '?')[:12]}"
         f"{' (with local changes)' if report['provenance']['git'].get('dirty') else ''}; "
@@ -304,6 +370,31 @@ def render_markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _amp_lines(speedups) -> list:
+    if not speedups:
+        return []
+    rows = [
+        [
+            s["method"],
+            s["teacher_precision"] or "step",
+            s["step_precision"],
+            f"{s['student_speedup']:.2f}x",
+            f"{s['teacher_speedup']:.2f}x",
+            f"**{s['distill_speedup']:.2f}x**",
+        ]
+        for s in speedups
+    ]
+    return [
+        "Whole-step mixed-precision speed-up (SOLVER.AMP.ENABLED; the fp32 row's median time over the AMP row's):",
+        "",
+        markdown_table(
+            ["Method", "teacher precision", "AMP", "student step", "teacher parts", "distillation step"],
+            rows,
+            align="lllrrr",
+        ),
+    ]
 
 
 def _main(args, argv) -> int:
@@ -347,15 +438,23 @@ def _main(args, argv) -> int:
     }[probe.kind]
     rows, cache, failures, notes = [], {}, [], set()
     precisions = args.teacher_precision or [None]
-    runs = [(m, p) for m in methods for p in precisions]
+    step_precisions = args.step_precision or [None]
+    for step_precision in step_precisions:
+        _step_precision_opts(step_precision)  # a clear error for a misspelt precision, before any model is built
+    runs = [(m, p, sp) for m in methods for p in precisions for sp in step_precisions]
     with tempfile.TemporaryDirectory(prefix="d2kd_overhead_") as tmpdir:
-        for i, (method, precision) in enumerate(runs):
+        for i, (method, precision, step_precision) in enumerate(runs):
             start = time.time()
             label = method + (f" (teacher {precision})" if precision else "")
+            label += f" (step {step_precision})" if step_precision else ""
             if not load_config(available[method], opts).DISTILL.HEADS:  # e.g. DISTILL.INHERIT alone
                 print(f"[{i + 1}/{len(runs)}] {label}: skipped (no DISTILL.HEADS, no distillation step)")
                 continue
-            run_opts = merge_opts(opts, ["DISTILL.TEACHER.PRECISION", precision] if precision else [])
+            run_opts = merge_opts(
+                opts,
+                ["DISTILL.TEACHER.PRECISION", precision] if precision else [],
+                _step_precision_opts(step_precision),
+            )
             try:
                 row = measure_method(method, available[method], args, run_opts, tmpdir, cache, probe, device)
             except Exception as e:  # one broken method must not hide the others' numbers
@@ -401,9 +500,11 @@ def _main(args, argv) -> int:
             memory_method=memory_method,
             teacher_weights="; ".join(sorted(notes)) or "?",
             teacher_precisions=[p or "step" for p in precisions],
+            step_precisions=[p or "config" for p in step_precisions],
             opts=opts,
         ),
         methods=rows,
+        amp_speedup=amp_speedups(rows),
         failed=failures,
     )
     json_path, md_path = os.path.join(output_dir, name + ".json"), os.path.join(output_dir, name + ".md")

@@ -124,9 +124,16 @@ def _first_active_iteration(schedule, max_iter: int) -> int:
     return 0
 
 
-def train_step(model, optimizer, batch):
-    losses = model(batch)
-    loss = sum(losses.values())
+def train_step(model, optimizer, batch, autocast=None):
+    """
+    One training step. ``autocast`` (a dtype) runs the forward and the loss sum under
+    ``torch.autocast`` in it, backward and the optimizer step on the fp32 parameters outside, as
+    d2kd's mixed-precision trainers do (``d2kd.engine.amp``).
+    """
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
+        losses = model(batch)
+        loss = sum(losses.values())
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

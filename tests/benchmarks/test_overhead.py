@@ -28,6 +28,29 @@ def test_overhead_quick(tmp_path, results_dir_untouched, load_script):
             mem["distill"]["total"] / (mem["student"]["total"] + mem["teacher"]["total"])
         )
     assert "t_distill / (t_student + t_teacher)" in (tmp_path / "overhead_quick.md").read_text()
+    assert row["step_precision"] == "fp32" and data["amp_speedup"] == []
+
+
+def test_overhead_step_precision_reports_the_amp_speedup(tmp_path, results_dir_untouched, load_script):
+    """--step-precision fp32 bf16: one row per precision (AMP rows run the step under CPU bf16 autocast), and
+    the whole-step speed-up is the fp32 row's median time over the AMP row's."""
+    overhead = load_script("overhead")
+    argv = ["--quick", "--methods", "kd", "--step-precision", "fp32", "bf16", "--output-dir", str(tmp_path)]
+    assert overhead.main(argv) == 0
+    data = json.loads((tmp_path / "overhead_quick.json").read_text())
+    fp32, bf16 = data["methods"]
+    assert (fp32["step_precision"], bf16["step_precision"]) == ("fp32", "bf16")
+    (speedup,) = data["amp_speedup"]
+    for phase in ("student", "teacher", "distill"):
+        expected = fp32["time_ms"][phase]["median"] / bf16["time_ms"][phase]["median"]
+        assert speedup[f"{phase}_speedup"] == pytest.approx(expected)
+    assert "Whole-step mixed-precision speed-up" in (tmp_path / "overhead_quick.md").read_text()
+
+
+def test_overhead_refuses_a_step_precision_that_is_not_one(load_script):
+    overhead = load_script("overhead")
+    with pytest.raises(ValueError, match="--step-precision 'bf17' is not a precision"):
+        overhead.main(["--quick", "--step-precision", "bf17", "--output-dir", "/tmp/unused"])
 
 
 def test_overhead_given_weights_apply_only_to_their_teacher(tmp_path, teacher_r50_weights):

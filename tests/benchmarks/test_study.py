@@ -227,3 +227,43 @@ def test_validation_tuning_configs_change_only_their_setting():
     assert {k: cwd_rpn[k] for k in chen if k.startswith("DISTILL.CHEN2017.")} == {
         k: chen[k] for k in chen if k.startswith("DISTILL.CHEN2017.")
     }
+
+
+def test_loss_balance_target_configs_change_only_the_balance():
+    """configs/bccd/loss_balance: the kd and cwd presets with DISTILL.LOSS_BALANCE initial at the three
+    targets the validation study compares (0.25, 0.5, 1.0), nothing else changed, in the R50 -> R18 study."""
+    targets = {"025": 0.25, "05": 0.5, "1": 1.0}
+    expected = {f"{m}_bal{k}": (m, t) for m in ("kd", "cwd") for k, t in targets.items()}
+    found = discover_methods(*split_method_pattern("configs/bccd/loss_balance/{method}.yaml"))
+    assert sorted(found) == sorted(expected)
+    kept, skipped = study_methods(found, "configs/bccd/student_R18_FPN.yaml", "configs/bccd/teacher_R50_FPN.yaml")
+    assert sorted(kept) == sorted(expected) and not skipped
+    for name, (preset, target) in expected.items():
+        variant = _flat(load_config(found[name]))
+        base = _flat(load_config(os.path.join(REPO, "configs", "bccd", f"distill_{preset}_R50_R18.yaml")))
+        wanted = {
+            "DISTILL.LOSS_BALANCE.MODE": "initial",
+            "DISTILL.LOSS_BALANCE.TARGET": target,
+            "OUTPUT_DIR": f"output/bccd/loss_balance/{name}",
+        }
+        assert {k: variant[k] for k in wanted} == wanted, name
+        assert {k for k in variant if variant[k] != base.get(k)} <= set(wanted), name
+
+
+def test_balanced_configs_are_every_faster_rcnn_preset_with_the_balance_on():
+    """configs/bccd/balanced: one `<method>_balanced` per head's Faster R-CNN R50 -> R18 preset (the variants
+    fbkd_paper, fgd_inherit, gkd_released_code and inherit aside), each its preset with
+    DISTILL.LOSS_BALANCE.MODE initial at the default TARGET and nothing else changed."""
+    methods = ["chen2017", "cwd", "defeat", "fbkd", "fgd", "fgfi", "fitnet", "gkd", "hgd", "kd", "pkd", "mgd"]
+    found = discover_methods(*split_method_pattern("configs/bccd/balanced/{method}.yaml"))
+    assert sorted(found) == sorted(f"{m}_balanced" for m in methods)
+    kept, skipped = study_methods(found, "configs/bccd/student_R18_FPN.yaml", "configs/bccd/teacher_R50_FPN.yaml")
+    assert not skipped
+    for method in methods:
+        variant = _flat(load_config(found[f"{method}_balanced"]))
+        base = _flat(load_config(os.path.join(REPO, "configs", "bccd", f"distill_{method}_R50_R18.yaml")))
+        assert variant["DISTILL.HEADS"] and method.replace("_", "") in "".join(variant["DISTILL.HEADS"]).lower()
+        assert {k: variant[k] for k in variant if variant[k] != base.get(k)} == {
+            "DISTILL.LOSS_BALANCE.MODE": "initial",
+            "OUTPUT_DIR": f"output/bccd/balanced/{method}_balanced",
+        }, method
