@@ -216,18 +216,36 @@ def _loss_balance_lines(runs: List[dict]) -> List[str]:
                 values = [b[when][key] for b in by_method[method] if b[when][key] is not None]
                 cells.append(f"{sum(values) / len(values):.3g}" if values else "–")
         rows.append(cells)
+    balanced = any(b.get("multipliers") for runs_ in by_method.values() for b in runs_)
+    if balanced:  # DISTILL.LOSS_BALANCE's fixed multiplier of each head, mean over seeds
+        for method, row in zip(sorted(by_method), rows):
+            row.append(_mean_multipliers(by_method[method]))
     return [
         "Loss balance (from each run's metrics.json, mean over seeds): detector loss, distillation loss "
         "(sum of the `loss_kd_*` terms but regularisers of a head's own weights, such as HGD's "
         "`loss_kd_hgd_logvar`) and their ratio over the first and the last 10% of the logged "
-        "iterations with distillation on.",
+        "iterations with distillation on"
+        + (
+            "; multiplier: the head's fixed `DISTILL.LOSS_BALANCE` multiplier (– for paper weights)."
+            if balanced
+            else "."
+        ),
         "",
         markdown_table(
-            ["Method", "n", "det. start", "KD start", "KD/det start", "det. end", "KD end", "KD/det end"],
+            ["Method", "n", "det. start", "KD start", "KD/det start", "det. end", "KD end", "KD/det end"]
+            + (["multiplier"] if balanced else []),
             rows,
-            align="lrrrrrrr",
+            align="lrrrrrrr" + ("l" if balanced else ""),
         ),
     ]
+
+
+def _mean_multipliers(balances: List[dict]) -> str:
+    per_head: Dict[str, List[float]] = OrderedDict()
+    for b in balances:
+        for head, value in (b.get("multipliers") or {}).items():
+            per_head.setdefault(head, []).append(value)
+    return ", ".join(f"{head} {sum(v) / len(v):.3g}" for head, v in per_head.items()) or "–"
 
 
 def _model_name(config: Optional[str]) -> str:

@@ -20,6 +20,8 @@ DISTILL_PREFIX = "loss_kd_"
 # which turns negative as the weights grow. They are reported apart as ``regularizer`` so that
 # ``distill`` is the imitation the student feels.
 REGULARIZER_SUFFIXES = ("_logvar",)
+# DISTILL.LOSS_BALANCE's fixed multipliers, one metric per head (d2kd.modeling.loss_balance.METRIC_PREFIX).
+MULTIPLIER_PREFIX = "distill_balance/"
 
 
 def read_logged_iterations(metrics_path: str) -> List[dict]:
@@ -49,7 +51,10 @@ def loss_balance(output_dir: str, fraction: float = 0.1) -> Optional[dict]:
     Returns ``{"start": {...}, "end": {...}}`` with ``detector``, ``distill``, ``ratio``
     (distill / detector) and ``iterations`` ([first, last]) each, or None without a
     ``metrics.json``. Terms named with a :data:`REGULARIZER_SUFFIXES` suffix are not in
-    ``distill``; a run that logs one gets their mean as ``regularizer`` as well.
+    ``distill``; a run that logs one gets their mean as ``regularizer`` as well. A run with
+    ``DISTILL.LOSS_BALANCE`` on also gets ``multipliers`` (``{head: multiplier}``, as last logged).
+    Only plain ``loss_*`` names are losses: metrics named ``group/name`` (Detectron2's grouped
+    metrics) are not summed.
     """
     path = os.path.join(output_dir, "metrics.json")
     if not os.path.isfile(path):
@@ -60,15 +65,31 @@ def loss_balance(output_dir: str, fraction: float = 0.1) -> Optional[dict]:
     if not records:
         return None
     n = max(1, int(round(len(records) * fraction)))
-    return {"start": _window(records[:n]), "end": _window(records[-n:])}
+    balance = {"start": _window(records[:n]), "end": _window(records[-n:])}
+    multipliers = _last_multipliers(records)
+    if multipliers:
+        balance["multipliers"] = multipliers
+    return balance
+
+
+def _last_multipliers(records: List[dict]) -> Dict[str, float]:
+    for record in reversed(records):
+        found = {k[len(MULTIPLIER_PREFIX) :]: float(v) for k, v in record.items() if k.startswith(MULTIPLIER_PREFIX)}
+        if found:
+            return found
+    return {}
+
+
+def _is_loss(key: str) -> bool:
+    return key.startswith("loss_") and "/" not in key
 
 
 def _is_regularizer(key: str) -> bool:
-    return key.startswith(DISTILL_PREFIX) and key.endswith(REGULARIZER_SUFFIXES)
+    return _is_loss(key) and key.startswith(DISTILL_PREFIX) and key.endswith(REGULARIZER_SUFFIXES)
 
 
 def _distill_sum(record: dict) -> float:
-    return sum(float(v) for k, v in record.items() if k.startswith(DISTILL_PREFIX) and not _is_regularizer(k))
+    return sum(float(v) for k, v in record.items() if _is_loss(k) and k.startswith(DISTILL_PREFIX) and not _is_regularizer(k))
 
 
 def _regularizer_sum(record: dict) -> float:
@@ -76,7 +97,7 @@ def _regularizer_sum(record: dict) -> float:
 
 
 def _detector_sum(record: dict) -> float:
-    return sum(float(v) for k, v in record.items() if k.startswith("loss_") and not k.startswith(DISTILL_PREFIX))
+    return sum(float(v) for k, v in record.items() if _is_loss(k) and not k.startswith(DISTILL_PREFIX))
 
 
 def _window(records: List[dict]) -> dict:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..capture import Recorder
 from ..step import StepInputs
-from .loss_balance import LossBalance
+from .loss_balance import METRIC_PREFIX, LossBalance
 from .schedule import DistillSchedule
 from .teacher import TeacherRunner
 
@@ -121,7 +121,9 @@ class DistillationModel(nn.Module):
             )
         multipliers = self.loss_balance.as_dict()
         try:
-            get_event_storage().put_scalars(**{f"loss_balance/{k}": v for k, v in multipliers.items()}, smoothing_hint=False)
+            get_event_storage().put_scalars(
+                **{METRIC_PREFIX + k: v for k, v in multipliers.items()}, smoothing_hint=False
+            )
         except AssertionError:  # outside a trainer
             pass
         return multipliers

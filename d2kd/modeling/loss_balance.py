@@ -24,9 +24,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["LossBalance", "LOSS_BALANCE_MODES", "REGULARIZER_SUFFIXES"]
+__all__ = ["LossBalance", "LOSS_BALANCE_MODES", "REGULARIZER_SUFFIXES", "METRIC_PREFIX"]
 
 LOSS_BALANCE_MODES = ("off", "initial")
+# The multipliers' metric names: ``distill_balance/<head>``. Not ``loss_*``: Detectron2's console
+# printer lists every metric named with "loss" among the losses, and readers of metrics.json
+# (the study's loss-scale table, tools/plot_metrics.py) sum ``loss_*`` keys as losses.
+METRIC_PREFIX = "distill_balance/"
 REGULARIZER_SUFFIXES = ("logvar",)
 
 

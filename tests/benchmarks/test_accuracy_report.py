@@ -79,6 +79,29 @@ def test_summary_mean_std_gain_and_gap_closed_by_hand(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_loss_balance_reads_the_multipliers_and_never_sums_them_as_losses(tmp_path):
+    """A run with DISTILL.LOSS_BALANCE logs `distill_balance/<head>`: the table shows it as the head's multiplier
+    (mean over seeds); grouped metric names (`a/b`, even starting with `loss_`) are never summed as losses."""
+    lines = [
+        {"iteration": 0, "loss_cls": 1.0, "loss_kd_kd_cls": 0.2, "distill_balance/kd": 1.0, "loss_x/y": 9.0},
+        {"iteration": 1, "loss_cls": 0.5, "loss_kd_kd_cls": 0.5, "distill_balance/kd": 2.5, "loss_x/y": 9.0},
+    ]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in lines))
+    balance = loss_balance(str(tmp_path), fraction=0.5)
+    assert balance["start"]["detector"] == 1.0 and balance["end"]["detector"] == 0.5
+    assert balance["end"]["distill"] == 0.5 and balance["multipliers"] == {"kd": 2.5}
+    other = dict(balance, multipliers={"kd": 3.5})
+    runs = [
+        {"method": "kd_bal", "seed": s, "kind": "distill", "iterations": 2, "loss_balance": b,
+         "metrics": {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}}
+        for s, b in ((0, balance), (1, other))
+    ]
+    md = render_markdown({"split": "val", "runs": runs, "invocations": []})
+    row = next(line for line in md.splitlines() if line.startswith("| kd_bal | 2 | 1 | "))  # det. start 1
+    assert row.rstrip(" |").split(" | ")[-1] == "kd 3"  # (2.5 + 3.5) / 2
+    assert "multiplier" in md
+
+
 def test_loss_balance_from_metrics_json_by_hand(tmp_path):
     """First/last 10% of the iterations with distillation on; a resumed run's repeats count once."""
     lines = []
