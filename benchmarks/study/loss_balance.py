@@ -12,6 +12,8 @@ import json
 import os
 from typing import Dict, List, Optional
 
+from d2kd.modeling.loss_balance import METRIC_PREFIX
+
 __all__ = ["read_logged_iterations", "loss_balance"]
 
 DISTILL_PREFIX = "loss_kd_"
@@ -20,8 +22,8 @@ DISTILL_PREFIX = "loss_kd_"
 # which turns negative as the weights grow. They are reported apart as ``regularizer`` so that
 # ``distill`` is the imitation the student feels.
 REGULARIZER_SUFFIXES = ("_logvar",)
-# DISTILL.LOSS_BALANCE's fixed multipliers, one metric per head (d2kd.modeling.loss_balance.METRIC_PREFIX).
-MULTIPLIER_PREFIX = "distill_balance/"
+# DISTILL.LOSS_BALANCE's fixed multipliers, one metric per head.
+MULTIPLIER_PREFIX = METRIC_PREFIX
 
 
 def read_logged_iterations(metrics_path: str) -> List[dict]:
