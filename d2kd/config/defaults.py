@@ -81,11 +81,14 @@ def _add_base_distill_config(cfg: CN):
     # "initial" measures each head's total and the detector loss over the first ITERS iterations
     # with distillation on, then fixes one multiplier per head so that its total is TARGET x the
     # detector loss (capped at MAX_MULTIPLIER when > 0). A head's own term weights are unchanged.
+    # While measuring, the heads' terms are multiplied by MEASURE_MULTIPLIER: 0 measures them
+    # without training on them; 1 trains with the paper weights meanwhile.
     _C.DISTILL.LOSS_BALANCE = CN()
     _C.DISTILL.LOSS_BALANCE.MODE = "off"
     _C.DISTILL.LOSS_BALANCE.TARGET = 1.0
     _C.DISTILL.LOSS_BALANCE.ITERS = 20
     _C.DISTILL.LOSS_BALANCE.MAX_MULTIPLIER = 0.0
+    _C.DISTILL.LOSS_BALANCE.MEASURE_MULTIPLIER = 0.0
     # Evaluate the teacher once and report it beside the student ("teacher/" metrics).
     _C.DISTILL.EVAL_TEACHER = False
 

@@ -214,6 +214,11 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
     when = f"at iteration {iteration}, distillation on" if distilling else "plain detector"
     printer.phase(f"one training step without update ({when})")
     recorded = _RecordTap(model)
+    # The step runs with the paper weights: DISTILL.LOSS_BALANCE would multiply the heads' terms
+    # by MEASURE_MULTIPLIER (0 by default) here; the multipliers this batch implies come below.
+    balance = getattr(model, "loss_balance", None)
+    if balance is not None:
+        model.loss_balance = None
     try:
         model.train()
         with EventStorage(iteration):
@@ -226,6 +231,9 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
         recorded.restore()
         fail("the training step", e)
         return _finish(report, log)
+    finally:
+        if balance is not None:
+            model.loss_balance = balance
     recorded.restore()
     printer.done()
 
@@ -381,7 +389,8 @@ def _report_loss_balance(report, cfg, heads, log):
     log(
         f"DISTILL.LOSS_BALANCE initial (target {opts.TARGET} x the detector loss): on this batch the multipliers "
         f"would be {', '.join(f'{k} {v:.3g}' for k, v in report.loss_balance.items())}; the run fixes them from "
-        f"the mean over its first {opts.ITERS} iterations with distillation on."
+        f"the mean over its first {opts.ITERS} iterations with distillation on (the heads' terms x "
+        f"MEASURE_MULTIPLIER {opts.MEASURE_MULTIPLIER} meanwhile)."
     )
 
 

@@ -119,7 +119,7 @@ class DistillationModel(nn.Module):
                 f"Loss balance fixed after {self.loss_balance.measure_iters} iterations with distillation on "
                 f"(target {self.loss_balance.target} x the detector loss): multipliers {self.loss_balance.as_dict()}."
             )
-        multipliers = self.loss_balance.as_dict()
+        multipliers = self.loss_balance.applied()
         try:
             get_event_storage().put_scalars(
                 **{METRIC_PREFIX + k: v for k, v in multipliers.items()}, smoothing_hint=False

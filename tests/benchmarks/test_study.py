@@ -230,20 +230,26 @@ def test_validation_tuning_configs_change_only_their_setting():
 
 
 def test_loss_balance_target_configs_change_only_the_balance():
-    """configs/bccd/loss_balance: the kd and cwd presets with DISTILL.LOSS_BALANCE initial at the three
-    targets the validation study compares (0.25, 0.5, 1.0), nothing else changed, in the R50 -> R18 study."""
-    targets = {"025": 0.25, "05": 0.5, "1": 1.0}
-    expected = {f"{m}_bal{k}": (m, t) for m in ("kd", "cwd") for k, t in targets.items()}
+    """configs/bccd/loss_balance: the kd and cwd presets with DISTILL.LOSS_BALANCE initial at the two
+    targets the validation study compares (0.5, 1.0), each trained with the paper weights while measuring
+    (MEASURE_MULTIPLIER 1, as the first grid runs ran) and measured only (0), nothing else changed, in the
+    R50 -> R18 study."""
+    targets = {"05": 0.5, "1": 1.0}
+    measuring = {"": 1.0, "_measure_only": 0.0}
+    expected = {
+        f"{m}_bal{k}{suffix}": (m, t, w) for m in ("kd", "cwd") for k, t in targets.items() for suffix, w in measuring.items()
+    }
     found = discover_methods(*split_method_pattern("configs/bccd/loss_balance/{method}.yaml"))
     assert sorted(found) == sorted(expected)
     kept, skipped = study_methods(found, "configs/bccd/student_R18_FPN.yaml", "configs/bccd/teacher_R50_FPN.yaml")
     assert sorted(kept) == sorted(expected) and not skipped
-    for name, (preset, target) in expected.items():
+    for name, (preset, target, measure_multiplier) in expected.items():
         variant = _flat(load_config(found[name]))
         base = _flat(load_config(os.path.join(REPO, "configs", "bccd", f"distill_{preset}_R50_R18.yaml")))
         wanted = {
             "DISTILL.LOSS_BALANCE.MODE": "initial",
             "DISTILL.LOSS_BALANCE.TARGET": target,
+            "DISTILL.LOSS_BALANCE.MEASURE_MULTIPLIER": measure_multiplier,
             "OUTPUT_DIR": f"output/bccd/loss_balance/{name}",
         }
         assert {k: variant[k] for k in wanted} == wanted, name

@@ -22,8 +22,6 @@ def test_multipliers_are_fixed_logged_applied_and_checkpointed(tmp_path, teacher
     balance = trainer.loss_balance
     assert bool(balance.frozen) and int(balance.measured) == 2
     m = balance.multiplier("fitnet")
-    # By hand from the two measured iterations' logged values (multiplier 1 while measuring):
-    # m = 0.5 * mean(detector total) / mean(fitnet total).
     rows = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.json")]
     assert rows[-1]["distill_balance/fitnet"] == pytest.approx(m)
     assert not [k for k in rows[-1] if "loss" in k and "/" in k]  # Detectron2's printer lists "loss" keys as losses
@@ -39,6 +37,20 @@ def test_multipliers_are_fixed_logged_applied_and_checkpointed(tmp_path, teacher
     resumed = train(_cfg(resumed_dir, teacher_r18_weights, max_iter=4), resume=True)
     assert resumed.start_iter == 2
     assert resumed.loss_balance.multiplier("fitnet") == pytest.approx(first.loss_balance.multiplier("fitnet"))
+
+
+@pytest.mark.parametrize("measure_multiplier", [0.0, 1.0])
+def test_while_measuring_the_terms_are_multiplied_by_measure_multiplier(tmp_path, teacher_r18_weights, measure_multiplier):
+    """One iteration of a 2-iteration measurement: fitnet's logged term is 0 (measured, not trained on) or its paper value."""
+    trainer = train(_cfg(tmp_path, teacher_r18_weights, max_iter=1,
+                         opts=["DISTILL.LOSS_BALANCE.MEASURE_MULTIPLIER", measure_multiplier]))
+    assert not bool(trainer.loss_balance.frozen) and int(trainer.loss_balance.measured) == 1
+    measured = float(trainer.loss_balance.head_sums[0])  # the term before any multiplier
+    assert measured > 0
+    row = [json.loads(line) for line in open(tmp_path / "metrics.json")][-1]
+    logged = sum(v for k, v in row.items() if k.startswith("loss_kd_fitnet"))
+    assert row["distill_balance/fitnet"] == measure_multiplier
+    assert logged == pytest.approx(measure_multiplier * measured, rel=1e-5)
 
 
 def test_check_shows_the_multipliers(tmp_path, teacher_r18_weights):

@@ -27,12 +27,23 @@ def test_multipliers_by_hand():
     # head a: totals 2, 4, 6 (mean 4); head b: 0.1 each (its "logvar" regulariser is not measured);
     # detector: 1, 2, 3 (mean 2). m_a = 0.5 * 2 / 4 = 0.25, m_b = 0.5 * 2 / 0.1 = 10.
     assert feed(balance, [2, 4], [0.1, 0.1], [1, 2]) == [False, False]
-    assert balance.as_dict() == {"a": 1.0, "b": 1.0}  # the paper weights while measuring
+    assert balance.as_dict() == {"a": 1.0, "b": 1.0}  # not fixed yet
+    assert balance.applied() == {"a": 0.0, "b": 0.0}  # measured, not trained on (MEASURE_MULTIPLIER 0)
     assert feed(balance, [6], [0.1], [3]) == [True]
     assert balance.multiplier("a") == pytest.approx(0.25)
     assert balance.multiplier("b") == pytest.approx(10.0)
+    assert balance.applied() == pytest.approx({"a": 0.25, "b": 10.0})
     assert feed(balance, [100], [100], [1]) == [False]  # frozen: later iterations change nothing
     assert balance.multiplier("a") == pytest.approx(0.25)
+
+
+def test_measure_multiplier_applies_while_measuring_only():
+    # MEASURE_MULTIPLIER 1: the paper weights while measuring; the fixed multipliers are the same maths.
+    balance = LossBalance(["a", "b"], mode="initial", target=0.5, measure_iters=3, measure_multiplier=1.0)
+    feed(balance, [2, 4], [0.1, 0.1], [1, 2])
+    assert balance.applied() == {"a": 1.0, "b": 1.0}
+    feed(balance, [6], [0.1], [3])
+    assert balance.applied() == pytest.approx({"a": 0.25, "b": 10.0})
 
 
 def test_cap_and_off_mode():
@@ -41,7 +52,7 @@ def test_cap_and_off_mode():
     assert capped.as_dict() == pytest.approx({"a": 0.25, "b": 4.0})
     off = LossBalance(["a", "b"], mode="off")
     assert feed(off, [2, 4, 6], [0.1, 0.1, 0.1], [1, 2, 3]) == [False] * 3
-    assert off.as_dict() == {"a": 1.0, "b": 1.0}
+    assert off.as_dict() == off.applied() == {"a": 1.0, "b": 1.0}
 
 
 def test_bad_options_are_named():
@@ -49,6 +60,8 @@ def test_bad_options_are_named():
         LossBalance(["a"], mode="dynamic")
     with pytest.raises(ValueError, match="TARGET > 0"):
         LossBalance(["a"], mode="initial", target=0.0)
+    with pytest.raises(ValueError, match="MEASURE_MULTIPLIER"):
+        LossBalance(["a"], mode="initial", measure_multiplier=-1.0)
 
 
 def test_state_is_in_the_state_dict_and_restores():
