@@ -48,7 +48,7 @@ class LossBalance(nn.Module):
         measure_multiplier: the multiplier of every head while measuring (0: measured, not trained).
     """
 
-    def __init__(self, head_names: Sequence[str], mode: str = "off", target: float = 1.0, measure_iters: int = 20,
+    def __init__(self, head_names: Sequence[str], mode: str = "off", target: float = 0.5, measure_iters: int = 20,
                  max_multiplier: float = 0.0, measure_multiplier: float = 0.0):
         super().__init__()
         if mode not in LOSS_BALANCE_MODES:
