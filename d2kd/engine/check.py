@@ -210,7 +210,9 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
     printer.done(f"{len(batch)} images, sizes {sizes}, boxes per image {boxes}")
 
     # 3. One training forward and backward, no update.
-    iteration = max(int(cfg.DISTILL.WARMUP_ITERS), 0) if distilling else 0
+    # The first iteration at which every head distils (after DISTILL.WARMUP_ITERS and any head's own warm-up).
+    head_warmup = max((head.warmup_iters for head in heads.values()), default=0)
+    iteration = max(int(cfg.DISTILL.WARMUP_ITERS), head_warmup, 0) if distilling else 0
     when = f"at iteration {iteration}, distillation on" if distilling else "plain detector"
     printer.phase(f"one training step without update ({when})")
     recorded = _RecordTap(model)

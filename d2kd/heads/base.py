@@ -90,6 +90,10 @@ class DistillHead(nn.Module):
     ``forward(student, teacher, step)`` returns a dict ``term -> scalar``; the term ``""``
     is the head's single loss. Terms are logged as ``loss_kd_<name>[_<term>]``.
 
+    ``warmup_iters``: a head whose terms are zero for its first iterations (its own warm-up,
+    e.g. FGFI's, on top of ``DISTILL.WARMUP_ITERS``) sets it, so that ``DISTILL.LOSS_BALANCE``
+    measures the head only once it distils and ``--check`` steps at an iteration where it does.
+
     ``__init__`` needs no argument; ``(cfg, context)`` are accepted and ignored, so heads
     written as ``super().__init__(cfg, context)`` keep working.
     """
@@ -107,6 +111,7 @@ class DistillHead(nn.Module):
         self.teacher_modules: List[str] = []
         self.teacher_methods: List[str] = []
         self.teacher_parts: Set[str] = set()
+        self.warmup_iters = 0
 
     def capture_pairing(self, pairing, extra_student_modules=()):
         """Record what ``pairing`` (a :class:`~d2kd.modeling.feature_pairs.FeaturePairing`) reads:

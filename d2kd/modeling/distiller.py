@@ -104,17 +104,23 @@ class DistillationModel(nn.Module):
             iteration=iteration,
         )
         head_terms = {name: head(student_records, teacher_records, step) for name, head in self.heads.items()}
-        multipliers = self._balance(head_terms, losses)
+        multipliers = self._balance(head_terms, losses, iteration)
         for head_name, terms in head_terms.items():
             for term, value in terms.items():
                 losses[_loss_key(head_name, term)] = value * (factor * multipliers.get(head_name, 1.0))
         return losses
 
-    def _balance(self, head_terms, detector_losses) -> Dict[str, float]:
-        """The heads' multipliers (``DISTILL.LOSS_BALANCE``), measuring while they are not fixed yet."""
+    def _balance(self, head_terms, detector_losses, iteration: int) -> Dict[str, float]:
+        """
+        The heads' multipliers (``DISTILL.LOSS_BALANCE``), measuring while they are not fixed yet.
+        Only iterations at which every head distils are measured: a head still in its own
+        warm-up (FGFI's ``WARMUP_ITERS``) returns zero terms, which would fix its multiplier
+        from nothing.
+        """
         if self.loss_balance is None or self.loss_balance.mode == "off":
             return {}
-        if self.loss_balance.observe(head_terms, detector_losses):
+        every_head_distils = iteration >= max((head.warmup_iters for head in self.heads.values()), default=0)
+        if every_head_distils and self.loss_balance.observe(head_terms, detector_losses):
             logger.info(
                 f"Loss balance fixed after {self.loss_balance.measure_iters} iterations with distillation on "
                 f"(target {self.loss_balance.target} x the detector loss): multipliers {self.loss_balance.as_dict()}."

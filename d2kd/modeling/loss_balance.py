@@ -4,8 +4,9 @@ Automatic loss balance (``DISTILL.LOSS_BALANCE``): one multiplier per head, meas
 The paper weights of a method were set for its paper's inputs (COCO at 800 pixels, 8 GPUs);
 on other data a head's term can start many times the detector loss, or be negligible, and a
 method's result then follows its loss scale more than its idea. Mode ``initial`` measures,
-over the first ``ITERS`` iterations with distillation on, the running mean of each head's
-total term ``D_h`` (before any multiplier) and of the detector's loss ``L_det``; it then fixes
+over the first ``ITERS`` iterations at which every head distils (the distiller skips
+``DISTILL.WARMUP_ITERS`` and any head's own ``warmup_iters``, such as FGFI's), the running
+mean of each head's total term ``D_h`` (before any multiplier) and of the detector's loss ``L_det``; it then fixes
 
     m_h = TARGET * mean(L_det) / mean(D_h)          (capped at MAX_MULTIPLIER when > 0)
 
@@ -21,6 +22,7 @@ in buffers, so the multipliers are checkpointed and restored on resume. Terms wh
 in ``logvar`` (learned-weight regularisers, which may be negative) are scaled but not measured.
 """
 
+import logging
 from typing import Dict, Sequence
 
 import torch
@@ -35,6 +37,8 @@ LOSS_BALANCE_MODES = ("off", "initial")
 # (the study's loss-scale table, tools/plot_metrics.py) sum ``loss_*`` keys as losses.
 METRIC_PREFIX = "distill_balance/"
 REGULARIZER_SUFFIXES = ("logvar",)
+
+logger = logging.getLogger(__name__)
 
 
 class LossBalance(nn.Module):
@@ -136,6 +140,13 @@ class LossBalance(nn.Module):
         )
         if self.max_multiplier > 0:
             multipliers = multipliers.clamp(max=self.max_multiplier)
+        unmeasured = [name for name, mean in zip(self.head_names, head_means.tolist()) if mean <= 0]
+        if unmeasured:
+            logger.warning(
+                f"DISTILL.LOSS_BALANCE: the terms of {unmeasured} were 0 over the {int(self.measured)} measured "
+                "iterations, so their multipliers stay 1 (the paper weights). Measure over more iterations "
+                "(DISTILL.LOSS_BALANCE.ITERS) or check that the head distils from the start."
+            )
         self.multipliers.copy_(multipliers)
         self.frozen.fill_(True)
         self._fixed = None

@@ -60,3 +60,25 @@ def test_check_shows_the_multipliers(tmp_path, teacher_r18_weights):
     detector = sum(v for k, v in report.losses.items() if not k.startswith("loss_kd_"))
     fitnet = sum(v for k, v in report.losses.items() if k.startswith("loss_kd_fitnet"))
     assert report.loss_balance == pytest.approx({"fitnet": 0.5 * detector / fitnet})
+
+
+def test_a_head_in_its_own_warm_up_is_not_measured(tmp_path, teacher_r18_weights):
+    """FGFI's terms are 0 for its first WARMUP_ITERS iterations: the measurement starts after them (at 2,
+    fixed at 3), from FGFI's real terms, not from zeros (which would leave the paper weight, 1)."""
+    cfg = distill_cfg("bccd/distill_fgfi_R50_R18.yaml", tmp_path, teacher_r18_weights, max_iter=4,
+                      opts=BALANCE + ["DISTILL.FGFI.WARMUP_ITERS", 2])
+    trainer = train(cfg)
+    balance = trainer.loss_balance
+    assert bool(balance.frozen) and int(balance.measured) == 2
+    fgfi_mean, detector_mean = float(balance.head_sums[0]) / 2, float(balance.detector_sum) / 2
+    assert fgfi_mean > 0
+    assert balance.multiplier("fgfi") == pytest.approx(0.5 * detector_mean / fgfi_mean)
+    applied = dict((it, v) for v, it in trainer.storage.history("distill_balance/fgfi").values())
+    assert applied[0] == applied[1] == applied[2] == 0.0  # measuring (MEASURE_MULTIPLIER 0) until fixed at 3
+    assert applied[3] == pytest.approx(balance.multiplier("fgfi"))
+
+    # --check steps where FGFI distils, so its terms and the multiplier they imply are real.
+    report = run_check(cfg, num_images=0)
+    assert report.ok, report.errors
+    assert sum(v for k, v in report.losses.items() if k.startswith("loss_kd_fgfi")) > 0
+    assert report.loss_balance["fgfi"] != 1.0

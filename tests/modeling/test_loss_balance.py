@@ -1,6 +1,7 @@
 """DISTILL.LOSS_BALANCE: the multipliers by hand, the cap, off mode, the checkpointed state, and two ranks agreeing."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -53,6 +54,19 @@ def test_cap_and_off_mode():
     off = LossBalance(["a", "b"], mode="off")
     assert feed(off, [2, 4, 6], [0.1, 0.1, 0.1], [1, 2, 3]) == [False] * 3
     assert off.as_dict() == off.applied() == {"a": 1.0, "b": 1.0}
+
+
+def test_a_head_measured_at_zero_keeps_its_paper_weight_and_is_named(caplog):
+    balance = LossBalance(["a", "b"], mode="initial", target=0.5, measure_iters=2)
+    # Detectron2's setup_logger (run by other tests) stops "d2kd" propagating to the root: listen on the logger itself.
+    module_logger = logging.getLogger("d2kd.modeling.loss_balance")
+    module_logger.addHandler(caplog.handler)
+    try:
+        feed(balance, [0, 0], [0.1, 0.1], [1, 3])
+    finally:
+        module_logger.removeHandler(caplog.handler)
+    assert balance.as_dict() == pytest.approx({"a": 1.0, "b": 0.5 * 2 / 0.1})
+    assert "['a']" in caplog.text and "DISTILL.LOSS_BALANCE.ITERS" in caplog.text
 
 
 def test_bad_options_are_named():

@@ -97,6 +97,7 @@ class FGFI(DistillHead):
         self.assign_by_scale = assign_by_scale
         self.canonical_box_size = canonical_box_size_for(is_dense_detector(student), canonical_box_size)
         self.schedule = DistillSchedule(warmup_iters=warmup_iters)
+        self.warmup_iters = int(warmup_iters)  # read by the loss balance and --check (DistillHead)
         self.pairing = pairing
         self.anchor_index = {n: anchor_features.index(n) for n in self.pairing.names}
         self.levels = {n: feature_level(s) for n, s in self.pairing.student_strides.items()}
