@@ -19,6 +19,7 @@ from .accuracy_report import (  # noqa: F401
     render_markdown,
     summarize,
 )
+from .balanced import balanced_lines  # noqa: F401
 from .detector_fit import detector_fit, detector_fit_lines  # noqa: F401
 from .per_class import per_class_keys, per_class_lines  # noqa: F401
 from .loss_balance import loss_balance, read_logged_iterations  # noqa: F401

@@ -13,6 +13,7 @@ import os
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
+from .balanced import balanced_lines
 from .common import fmt_mean_std as _fmt, markdown_table, mean_std
 from .detector_fit import detector_fit_lines
 from .per_class import per_class_lines
@@ -186,6 +187,7 @@ def render_markdown(results: dict) -> str:
         *_other_teacher_lines(runs),
         *_other_cpu_lines(runs),
         *_loss_balance_lines(runs),
+        *balanced_lines(runs),
         *per_class_lines(runs, methods=[m for m in summary if m not in ("teacher", "baseline")]),
         *detector_fit_lines(runs),
         f"Runs: {len(runs)}; dates {dates[0] if dates else '?'} .. {dates[-1] if dates else '?'}; "

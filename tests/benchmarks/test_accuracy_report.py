@@ -1,6 +1,6 @@
 """
 The accuracy study's report (study.accuracy_report and the tables it draws: loss balance,
-detector fit, per-class AP), pinned with hand-computed numbers.
+detector fit, per-class AP, balanced against paper weights), pinned with hand-computed numbers.
 """
 
 import json
@@ -9,6 +9,7 @@ import math
 import pytest
 
 from study import (
+    balanced_lines,
     detector_fit,
     loss_balance,
     other_cpu_runs,
@@ -251,3 +252,24 @@ def test_runs_on_another_cpu_kind_than_their_baseline_are_listed():
         "baseline AMD EPYC)." in md
     same = [r for r in runs if r["method"] != "cwd"]
     assert other_cpu_runs(same) == [] and "another CPU kind" not in render_markdown({"runs": same})
+
+
+def test_balanced_runs_are_paired_with_the_paper_weight_runs_by_hand():
+    def run(method, seed, ap, multiplier=None):
+        entry = {"method": method, "seed": seed, "kind": "distill", "iterations": 300, "metrics": {"AP": ap}}
+        if multiplier is not None:
+            scales = {"detector": 1.0, "distill": 0.5, "ratio": 0.5}
+            entry["loss_balance"] = {"start": scales, "end": scales,
+                                     "multipliers": {method[: -len("_balanced")]: multiplier}}
+        return entry
+
+    runs = [run("kd", 0, 53.0), run("kd", 1, 51.0), run("kd", 2, 50.0),
+            run("kd_balanced", 0, 55.0, 1.41), run("kd_balanced", 1, 52.0, 1.39),
+            run("cwd_balanced", 0, 45.0, 0.03),  # no paper-weight cwd run: no row
+            {"method": "baseline", "seed": 0, "kind": "baseline", "iterations": 300, "metrics": {"AP": 1.0}}]
+    lines = balanced_lines(runs)
+    rows = [line for line in "\n".join(lines).splitlines() if line.startswith("| ") and not line.startswith("| Preset")]
+    # seeds 0 and 1 shared; paper mean (53 + 51) / 2 = 52, balanced 53.5; differences +2, +1: +1.5 +- sqrt(0.5)
+    assert rows == ["| kd | s0, s1 | 52.0 | 53.5 | +1.5 ± 0.7 | 1.41, 1.39 |"]
+    assert rows[0] in render_markdown({"split": "test", "runs": runs, "invocations": []})
+    assert balanced_lines([e for e in runs if e["method"] != "kd"]) == []
