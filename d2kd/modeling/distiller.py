@@ -54,6 +54,9 @@ class DistillationModel(nn.Module):
         super().__init__()
         self.student = student
         self.heads = heads
+        # The first iteration at which every head distils: heads with a warm-up of their own (FGFI's)
+        # return zero terms before it, so DISTILL.LOSS_BALANCE measures from here and --check steps here.
+        self.heads_warmup_iters = max((head.warmup_iters for head in heads.values()), default=0)
         self.schedule = schedule
         self.loss_balance = loss_balance
         object.__setattr__(self, "teacher", teacher)  # not registered as a submodule
@@ -119,8 +122,7 @@ class DistillationModel(nn.Module):
         """
         if self.loss_balance is None or self.loss_balance.mode == "off":
             return {}
-        every_head_distils = iteration >= max((head.warmup_iters for head in self.heads.values()), default=0)
-        if every_head_distils and self.loss_balance.observe(head_terms, detector_losses):
+        if iteration >= self.heads_warmup_iters and self.loss_balance.observe(head_terms, detector_losses):
             logger.info(
                 f"Loss balance fixed after {self.loss_balance.measure_iters} iterations with distillation on "
                 f"(target {self.loss_balance.target} x the detector loss): multipliers {self.loss_balance.as_dict()}."

@@ -15,7 +15,6 @@ from ...modeling.box_masks import (
 )
 from ...modeling.feature_pairs import FeaturePairing, add_feature_pairing_config, feature_pairing_from_config
 from .imitation_mask import anchor_source, imitation_mask
-from ...modeling.schedule import DistillSchedule
 from ..dense_outputs import is_dense_detector
 from ..base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
 
@@ -48,7 +47,7 @@ class FGFI(DistillHead):
     assigns it to, as DeFeat's FGFI reimplementation; False uses every box on every level.
 
     Warm-up: the official code skips imitation for its first 400 iterations (at batch 1):
-    ``WARMUP_ITERS`` (a per-head :class:`DistillSchedule`, on top of ``DISTILL.WARMUP_ITERS``).
+    ``WARMUP_ITERS`` (the head's ``warmup_iters``, on top of ``DISTILL.WARMUP_ITERS``).
 
     Differences to note: the ReLU after the adapter follows the paper (VGG features are
     post-ReLU, hence non-negative); FPN outputs are signed, so a ReLU adapter cannot match
@@ -96,8 +95,7 @@ class FGFI(DistillHead):
         self.psi = psi
         self.assign_by_scale = assign_by_scale
         self.canonical_box_size = canonical_box_size_for(is_dense_detector(student), canonical_box_size)
-        self.schedule = DistillSchedule(warmup_iters=warmup_iters)
-        self.warmup_iters = int(warmup_iters)  # read by the loss balance and --check (DistillHead)
+        self.warmup_iters = int(warmup_iters)  # also read by the loss balance and --check (DistillHead)
         self.pairing = pairing
         self.anchor_index = {n: anchor_features.index(n) for n in self.pairing.names}
         self.levels = {n: feature_level(s) for n, s in self.pairing.student_strides.items()}
@@ -120,7 +118,7 @@ class FGFI(DistillHead):
 
     def forward(self, student, teacher, step):
         names = self.pairing.names
-        if self.schedule(step.iteration) == 0.0:
+        if step.iteration < self.warmup_iters:
             # Zero terms that touch every adapter, so DDP sees the same parameters used.
             start = student.output(self.anchor_path)[0].tensor.new_zeros(())  # on the step's device
             zero = sum((p.sum() * 0.0 for p in self.parameters()), start)
