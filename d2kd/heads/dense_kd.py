@@ -111,14 +111,7 @@ class DenseKD(DenseOutputsMixin, DistillHead):
         }
 
     def forward(self, student, teacher, step):
-        s_logits, _ = self.dense_predictions(student, self.num_classes)
-        t_logits, _ = self.dense_predictions(teacher, self.num_classes)
-        if s_logits.shape != t_logits.shape:
-            raise RuntimeError(
-                f"Head '{self.name}': the teacher's dense head scored {tuple(t_logits.shape)} (images, anchors, "
-                f"classes) and the student's {tuple(s_logits.shape)}; both must see the same padded images "
-                "(same SIZE_DIVISIBILITY, DISTILL.TEACHER.INPUT_SCALE 1.0)."
-            )
+        s_logits, t_logits = self.paired_dense_logits(student, teacher)
         terms = binary_kd_div(s_logits, t_logits, self.temperature, self.form)
         if self.gamma > 0:
             t = self.temperature

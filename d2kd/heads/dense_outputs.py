@@ -13,8 +13,7 @@ outputs is the same box in both, so the student's anchor labels index the teache
             self._require_dense_outputs(context, cfg.DISTILL.TEACHER.INPUT_SCALE)
             # or, without a context: self._require_dense_outputs(student=student, teacher=teacher)
         def forward(self, student, teacher, step):
-            s_logits, s_deltas = self.dense_predictions(student, self.num_classes)  # (N, R, K), (N, R, 4)
-            t_logits, _ = self.dense_predictions(teacher, self.num_classes)
+            s_logits, t_logits = self.paired_dense_logits(student, teacher)  # (N, R, K) each, shapes checked
             labels = self.anchor_labels(student)  # (N, R): -1 ignored, 0..K-1 class, K background
             positive = (labels >= 0) & (labels != self.num_classes)
             ...
@@ -114,6 +113,19 @@ class DenseOutputsMixin:
             cat([permute_to_N_HWA_K(x, num_classes) for x in logits], dim=1),
             cat([permute_to_N_HWA_K(x, box_dim) for x in deltas], dim=1),
         )
+
+    def paired_dense_logits(self, student, teacher) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The student's and the teacher's class logits ``(N, R, K)``, checked to cover the same
+        anchors (they do not when the two models saw differently padded images)."""
+        student_logits, _ = self.dense_predictions(student, self.num_classes)
+        teacher_logits, _ = self.dense_predictions(teacher, self.num_classes)
+        if student_logits.shape != teacher_logits.shape:
+            raise RuntimeError(
+                f"Head '{self.name}': the teacher's dense head scored {tuple(teacher_logits.shape)} (images, "
+                f"anchors, classes) and the student's {tuple(student_logits.shape)}; both must see the same "
+                "padded images (same SIZE_DIVISIBILITY, DISTILL.TEACHER.INPUT_SCALE 1.0)."
+            )
+        return student_logits, teacher_logits
 
     @staticmethod
     def dense_level_sizes(records) -> List[int]:

@@ -643,14 +643,7 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
         """RetinaNet response rows: the student's positive anchors (``0 <= label < K`` in its
         ``label_anchors``), their ``(P, K)`` sigmoid logits in both models, and the Eq. 8 weight
         of the GT instance (matched box and class) each anchor is matched to, or None."""
-        student_logits, _ = self.dense_predictions(student, self.num_classes)
-        teacher_logits, _ = self.dense_predictions(teacher, self.num_classes)
-        if student_logits.shape != teacher_logits.shape:
-            raise RuntimeError(
-                f"GKD: the teacher's dense head scored {tuple(teacher_logits.shape)} (images, anchors, classes) "
-                f"and the student's {tuple(student_logits.shape)}; both must see the same padded images "
-                "(same SIZE_DIVISIBILITY, DISTILL.TEACHER.INPUT_SCALE 1.0)."
-            )
+        student_logits, teacher_logits = self.paired_dense_logits(student, teacher)
         anchor_labels = self.anchor_labels(student)
         positive = (anchor_labels >= 0) & (anchor_labels < self.num_classes)
         weights = None
