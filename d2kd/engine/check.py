@@ -211,7 +211,7 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
 
     # 3. One training forward and backward, no update.
     # The first iteration at which every head distils (after DISTILL.WARMUP_ITERS and any head's own warm-up).
-    iteration = max(int(cfg.DISTILL.WARMUP_ITERS), getattr(model, "heads_warmup_iters", 0), 0) if distilling else 0
+    iteration = max(int(cfg.DISTILL.WARMUP_ITERS), model.heads_warmup_iters, 0) if distilling else 0
     when = f"at iteration {iteration}, distillation on" if distilling else "plain detector"
     printer.phase(f"one training step without update ({when})")
     recorded = _RecordTap(model)

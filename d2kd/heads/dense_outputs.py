@@ -30,6 +30,7 @@ from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
 from ..step import DistillConfigError
 from .base import student_and_teacher
+from .rpn_outputs import check_same_anchors
 
 __all__ = ["DenseOutputsMixin", "is_dense_detector"]
 
@@ -119,12 +120,7 @@ class DenseOutputsMixin:
         anchors (they do not when the two models saw differently padded images)."""
         student_logits, _ = self.dense_predictions(student, self.num_classes)
         teacher_logits, _ = self.dense_predictions(teacher, self.num_classes)
-        if student_logits.shape != teacher_logits.shape:
-            raise RuntimeError(
-                f"Head '{self.name}': the teacher's dense head scored {tuple(teacher_logits.shape)} (images, "
-                f"anchors, classes) and the student's {tuple(student_logits.shape)}; both must see the same "
-                "padded images (same SIZE_DIVISIBILITY, DISTILL.TEACHER.INPUT_SCALE 1.0)."
-            )
+        check_same_anchors(self.name, "dense head", student_logits, teacher_logits)
         return student_logits, teacher_logits
 
     @staticmethod

@@ -17,7 +17,13 @@ from detectron2.layers import cat
 from ..step import DistillConfigError
 from .base import student_and_teacher
 
-__all__ = ["RPNOutputsMixin", "SampledAnchors", "flatten_dense_predictions", "check_rpn_outputs"]
+__all__ = [
+    "RPNOutputsMixin",
+    "SampledAnchors",
+    "flatten_dense_predictions",
+    "check_rpn_outputs",
+    "check_same_anchors",
+]
 
 RPN_HEAD = "proposal_generator.rpn_head"
 SAMPLED_ANCHORS = "proposal_generator.label_and_sample_anchors"
@@ -34,6 +40,18 @@ def flatten_dense_predictions(per_level: List[torch.Tensor], values_per_anchor: 
         n, _, h, w = x.shape
         flat.append(x.view(n, -1, values_per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, values_per_anchor))
     return cat(flat, dim=1)
+
+
+def check_same_anchors(head_name: str, outputs: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
+    """Per-anchor outputs of student and teacher (``(images, anchors, ...)``, flattened by
+    :func:`flatten_dense_predictions`) must cover the same anchors; they do not when the two
+    models saw differently padded images."""
+    if student.shape != teacher.shape:
+        raise RuntimeError(
+            f"Head '{head_name}': the teacher's {outputs} scored {tuple(teacher.shape)} (images, anchors, ...) and "
+            f"the student's {tuple(student.shape)}; both must see the same padded images (same "
+            "SIZE_DIVISIBILITY, DISTILL.TEACHER.INPUT_SCALE 1.0)."
+        )
 
 
 @dataclass

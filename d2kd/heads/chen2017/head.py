@@ -22,7 +22,7 @@ from .weighted_soft_ce import (
 from ...modeling.feature_pairs import FeaturePairing, add_feature_pairing_config, feature_pairing_from_config
 from ..base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
 from ..roi_logits import RoILogitsMixin, check_roi_logits
-from ..rpn_outputs import RPNOutputsMixin, check_rpn_outputs
+from ..rpn_outputs import RPNOutputsMixin, check_rpn_outputs, check_same_anchors
 from ...losses.precision import fp32
 
 __all__ = ["Chen2017"]
@@ -310,12 +310,7 @@ class Chen2017(RPNOutputsMixin, RoILogitsMixin, DistillHead):
     def _rpn_terms(self, student, teacher):
         s_logits, s_deltas = self.rpn_predictions(student, self.rpn_box_dim)
         t_logits, t_deltas = self.rpn_predictions(teacher, self.rpn_box_dim)
-        if s_logits.shape != t_logits.shape:
-            raise RuntimeError(
-                f"Head '{self.name}': the teacher's RPN scored {tuple(t_logits.shape)} anchors and the student's "
-                f"{tuple(s_logits.shape)}; both must see the same padded image size (same "
-                "SIZE_DIVISIBILITY and DISTILL.TEACHER.INPUT_SCALE 1.0)."
-            )
+        check_same_anchors(self.name, "RPN", s_logits, t_logits)
         sampled = self.sampled_anchors(student)
         normalizer = self.rpn_normalizer_per_image * s_logits.shape[0]
         terms = {}
