@@ -30,7 +30,6 @@ import shutil
 import sys
 import tempfile
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -41,7 +40,8 @@ from d2kd.config import uses_teacher
 from d2kd.engine.checkpoint import atomic_write_bytes
 from d2kd.engine.launch import launch
 from d2kd.config import merge_config
-from d2kd.engine.preflight import check_output_dir, set_aside_previous_run, validate_datasets
+from d2kd.engine.preflight import check_output_dir, check_output_dir_writable, set_aside_previous_run, validate_datasets
+from d2kd.files import SafeDetectionCheckpointer
 from d2kd.modeling.student_weights import load_student
 
 logger = logging.getLogger("d2kd")
@@ -50,7 +50,8 @@ logger = logging.getLogger("d2kd")
 def setup(args):
     """
     The config of ``args`` (unknown keys and wrong types fail naming the closest key). A new
-    training run refuses an OUTPUT_DIR holding another run before anything is written there;
+    training run refuses an OUTPUT_DIR holding another run before anything is written there, and
+    every run one that cannot be written, before any model is built;
     with ``--overwrite`` the other run's files (logs, config.yaml, checkpoints, results) move
     to OUTPUT_DIR/previous_runs/<time>/. ``--check`` runs in a temporary folder.
     """
@@ -58,7 +59,9 @@ def setup(args):
     merge_config(cfg, args.config_file, args.opts)
     if getattr(args, "check", False):
         cfg.OUTPUT_DIR = tempfile.mkdtemp(prefix="d2kd_check_")
-    elif not args.resume and not args.eval_only:
+    elif comm.is_main_process():  # default_setup writes there next: fail first, naming the folder and the fix
+        check_output_dir_writable(cfg.OUTPUT_DIR)
+    if not getattr(args, "check", False) and not args.resume and not args.eval_only:
         check_output_dir(cfg, overwrite=getattr(args, "overwrite", False))
         if comm.is_main_process():  # before default_setup opens log.txt and writes config.yaml
             set_aside_previous_run(cfg.OUTPUT_DIR)
@@ -95,7 +98,7 @@ def load_eval_model(cfg, args):
     unexpected or mis-shaped keys are an error naming them. ``--allow-partial-weights`` loads
     what fits (Detectron2's behaviour, even a random model) with a warning.
     """
-    checkpointer = DetectionCheckpointer(None, save_dir=cfg.OUTPUT_DIR)
+    checkpointer = SafeDetectionCheckpointer(None, save_dir=cfg.OUTPUT_DIR)
     weights = checkpointer.get_checkpoint_file() if args.resume and checkpointer.has_checkpoint() else cfg.MODEL.WEIGHTS
     if not getattr(args, "allow_partial_weights", False):
         return load_student(
@@ -103,7 +106,7 @@ def load_eval_model(cfg, args):
         )
     logger.warning(f"--allow-partial-weights: evaluating {weights or 'a randomly initialised student'} as loaded.")
     model = DistillTrainer.build_model(cfg)
-    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(weights)
+    SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(weights)
     return model
 
 
@@ -141,7 +144,7 @@ def main(args):
     trainer = DistillTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     results = trainer.train()
-    write_results(cfg, getattr(trainer, "_last_eval_results", None))
+    write_results(cfg, trainer.last_eval_results)
     return results
 
 

@@ -111,7 +111,7 @@ def build_parser():
         "--method-configs",
         default=os.path.join(BCCD_CONFIG_DIR, METHOD_CONFIG_PATTERN),
         help="where methods are discovered; {method} is the method name "
-        "(e.g. 'configs/bccd/hgd_variants/{method}.yaml')",
+        "(e.g. 'benchmarks/configs/bccd/hgd_variants/{method}.yaml')",
     )
     p.add_argument(
         "--student-config", default=STUDENT_CONFIG, help="the baseline; methods must distil into this student"

@@ -94,13 +94,14 @@ def resolve_weights(choice, candidates):
 
 
 def build(cfg, weights):
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
+
+    from d2kd.files import SafeDetectionCheckpointer
 
     torch.manual_seed(0)
     model = build_model(cfg)
     if weights:
-        DetectionCheckpointer(model).load(weights)
+        SafeDetectionCheckpointer(model).load(weights)
     model.eval()
     return model
 

@@ -1,16 +1,43 @@
 """
 Shared fixtures and helpers of the tests: tiny CPU configs on the embedded BCCD data and teacher
-checkpoints, short training runs, train_net's command line, toy VOC datasets, and the shape-only
-models, hand-made records and numpy references of the heads' unit tests.
+checkpoints, short training runs, train_net's command line, toy VOC datasets, the shape-only
+models, hand-made records and numpy references of the heads' unit tests, and log capture.
 
 Tests train for 2-4 iterations on small inputs; a "teacher checkpoint" is a freshly built
 model saved with Detectron2's checkpointer (the plumbing under test does not depend on the
 teacher being good).
+
+Two tiers (``make test`` runs every test, ``make test-fast`` runs ``pytest -m "not train"``):
+
+- A test that trains a detector carries the ``train`` marker (``@pytest.mark.train``, or
+  ``pytestmark = pytest.mark.train`` for a file of training tests); every other test is in the
+  fast tier. "Trains" means any of: calls a Detectron2 trainer's ``train()`` or ``run_step()``
+  (``DistillTrainer``/``DefaultTrainer``, so also ``train_net.main`` of a training run); runs a
+  backward pass through more than ``DETECTOR_PARAMETERS`` parameters (a detector's training step,
+  also outside a trainer: benchmarks/, tools/gpu_check.py, a test's own step); starts worker processes with ``torch.multiprocessing`` (DDP, ``launch``
+  with more than one process); runs a Python script file in a subprocess (``train_net.py``,
+  ``tools/demo.py``, DDP workers; ``python -c`` and ``python -m`` are not refused).
+- The marker is enforced, so a new test lands in the right tier without anyone remembering it:
+  in a test without it, each of these calls fails with "this test trains a detector: mark it
+  @pytest.mark.train" (:func:`pytest_runtest_protocol`, for the test's fixtures too). Unknown
+  markers are errors (``--strict-markers`` in setup.cfg).
+- ``make test-fast`` runs on one pytest-xdist worker per core, a test file per worker
+  (``--dist loadfile``); every test starts from seeded global generators (random, numpy, torch),
+  so it gives the same result alone, in either tier and on any worker.
+
+Logs: use the :func:`d2kd_logs` fixture, never ``logger.addHandler(caplog.handler)``. train_net
+(Detectron2's ``setup_logger(name="d2kd")``) stops the "d2kd" logger propagating to the root,
+where older pytest listens, while pytest 9.2+ also attaches its handler to non-propagating
+loggers: a hand-added handler then sees every record twice.
 """
 
+import contextlib
 import importlib.util
+import logging
 import math
 import os
+import random
+import subprocess
 import sys
 
 import cv2
@@ -18,6 +45,7 @@ import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import TrainerBase
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, ImageList, Instances
@@ -47,6 +75,170 @@ register_bccd(os.path.join(REPO, "datasets"))
 # One intra-op thread: the test models are tiny, and several test processes (the DDP test) or
 # other jobs sharing the cores make OpenMP spin-waiting very costly with more.
 torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------
+# The two tiers: a test without the ``train`` marker may not train (see the module docstring)
+# ---------------------------------------------------------------------------------------
+
+
+TRAIN_MARKER = "train"
+# A backward pass through more parameters is a detector's training step (the R18-FPN student:
+# about 15 million); the toy modules of unit tests have a few hundred at most.
+DETECTOR_PARAMETERS = 1_000_000
+
+
+def _refuse(what):
+    pytest.fail(
+        f"this test trains a detector: mark it @pytest.mark.{TRAIN_MARKER} ({what}; "
+        "tests/conftest.py explains the two tiers)",
+        pytrace=True,
+    )
+
+
+def _trainer_classes(cls=TrainerBase):
+    yield cls
+    for sub in cls.__subclasses__():
+        yield from _trainer_classes(sub)
+
+
+def _python_script(args):
+    """The script file a ``python script.py ...`` command runs, else None (``-c``, ``-m`` or not Python)."""
+    argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+    argv = [os.fsdecode(a) for a in argv]
+    if len(argv) == 1:
+        argv = argv[0].split()
+    if len(argv) < 2 or not os.path.basename(argv[0]).startswith("python") and argv[0] != sys.executable:
+        return None
+    return argv[1] if argv[1].endswith(".py") else None
+
+
+class _NoTrainingPopen(subprocess.Popen):
+    def __init__(self, args, *rest, **kwargs):
+        script = _python_script(args)
+        if script is not None:
+            _refuse(f"it runs the script {os.path.basename(script)} in a subprocess")
+        super().__init__(args, *rest, **kwargs)
+
+
+def _backward_parameters(tensors):
+    """How many parameter values a backward pass from ``tensors`` reaches (the autograd graph's leaves)."""
+    tensors = [tensors] if torch.is_tensor(tensors) else list(tensors)
+    seen, stack, size = set(), [t.grad_fn for t in tensors if t.grad_fn is not None], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad: a parameter
+        size += leaf.numel() if leaf is not None else 0
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return size
+
+
+def _no_detector_backward(backward):
+    def guarded(tensors, *args, **kwargs):
+        size = _backward_parameters(tensors)
+        if size > DETECTOR_PARAMETERS:
+            _refuse(f"it runs a backward pass through {size} parameters")
+        return backward(tensors, *args, **kwargs)
+
+    return guarded
+
+
+def _forbid_training(patch):
+    """Make every way a test trains (module docstring) fail until ``patch`` (a MonkeyPatch) is undone."""
+    for cls in set(_trainer_classes()):
+        for name in ("train", "run_step"):
+            if name in vars(cls):
+                patch.setattr(cls, name, lambda *a, _what=f"{cls.__name__}.{name}()", **k: _refuse(f"it calls {_what}"))
+    patch.setattr(torch.autograd, "backward", _no_detector_backward(torch.autograd.backward))
+
+    def start_processes(*args, **kwargs):
+        _refuse("it starts worker processes with torch.multiprocessing")
+
+    patch.setattr(importlib.import_module("torch.multiprocessing.spawn"), "start_processes", start_processes)
+    patch.setattr(torch.multiprocessing, "start_processes", start_processes)
+    patch.setattr(subprocess, "Popen", _NoTrainingPopen)
+
+
+def _seed_global_generators(seed=0):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Each test starts from seeded global generators, so its outcome does not depend on which tests
+    ran before it (alone, in ``make test``, or on a worker of ``make test-fast``); a test without the
+    ``train`` marker runs with training forbidden. Both cover the module- and session-scoped
+    fixtures its setup creates."""
+    _seed_global_generators()
+    if item.get_closest_marker(TRAIN_MARKER) is not None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        _forbid_training(patch)
+        yield
+
+
+# ---------------------------------------------------------------------------------------
+# Logs
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def d2kd_logs(caplog):
+    """``d2kd_logs(logger="d2kd", level=logging.INFO)``: ``caplog``, seeing that logger's records of
+    ``level`` and above until the test ends, under every pytest the project admits.
+
+    The logger and its parents propagate to the root for the test (train_net's
+    ``setup_logger(name="d2kd")`` turns propagation off), where pytest's handlers listen, and no
+    handler is added. pytest 9.2+ also attaches its handlers to the loggers that do not propagate
+    when a test phase begins; such a logger now propagates to the root, so the root's handlers are
+    taken off it: pytest sees each record once, whenever ``d2kd_logs`` is called. A test that
+    itself runs ``setup_logger(name="d2kd")`` (``train_net.main``) calls ``d2kd_logs`` after it.
+    """
+    saved = {}
+
+    def capture(logger="d2kd", level=logging.INFO):
+        node = logging.getLogger(logger)
+        while isinstance(node, logging.Logger) and node is not logging.root:
+            saved.setdefault(node, node.propagate)
+            node.propagate = True
+            for handler in [h for h in node.handlers if h in logging.root.handlers]:
+                node.removeHandler(handler)
+            node = node.parent
+        caplog.set_level(level, logger=logger)  # restored by caplog at the end of the test
+        return caplog
+
+    yield capture
+    for node, propagate in saved.items():
+        node.propagate = propagate
+
+
+@contextlib.contextmanager
+def log_messages(logger, level=logging.INFO):
+    """The messages ``logger`` emits inside the ``with`` block, as a list: only for module- or
+    session-scoped fixtures, where the function-scoped ``caplog`` (:func:`d2kd_logs`) cannot go.
+    Its own list handler, which pytest never attaches: no record is seen twice."""
+    messages = []
+
+    class _ListHandler(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = _ListHandler(level)
+    node = logging.getLogger(logger)
+    old_level = node.level
+    node.addHandler(handler)
+    node.setLevel(level)
+    try:
+        yield messages
+    finally:
+        node.removeHandler(handler)
+        node.setLevel(old_level)
 
 
 def shrink_for_tests(cfg, output_dir, max_iter=2):
@@ -206,7 +398,7 @@ def retina_pair(tmp_path_factory, retina_r18_weights):
 def retina_models(retina_pair):
     """A RetinaNet student and teacher built from ``retina_pair`` (random weights)."""
     torch.manual_seed(0)
-    return build_model(retina_pair), build_teacher(retina_pair)
+    return build_model(retina_pair), build_teacher(retina_pair).model
 
 
 def heads_cfg(base, heads, opts=()):
@@ -245,8 +437,8 @@ def build_distiller(cfg):
     """Student, teacher, heads and the DistillationModel of ``cfg`` without a trainer or data loader."""
     torch.manual_seed(0)
     student = build_model(cfg)
-    teacher = build_teacher(cfg)
-    heads = build_distill_heads(cfg, BuildContext(student, teacher, cfg, teacher.d2kd_cfg))
+    teacher, teacher_cfg = build_teacher(cfg)
+    heads = build_distill_heads(cfg, BuildContext(student, teacher, cfg, teacher_cfg))
     return DistillationModel(student, teacher, heads, DistillSchedule.from_config(cfg), cfg.DISTILL.TEACHER.INPUT_SCALE)
 
 

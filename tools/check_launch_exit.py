@@ -9,8 +9,11 @@ active exception"). ``--launcher detectron2`` uses ``detectron2.engine.launch``,
     python tools/check_launch_exit.py --launcher detectron2 --runs 100
     python tools/check_launch_exit.py --launcher d2kd --runs 100
 
-The abort is rarer on an idle machine; the numbers in ``d2kd/engine/launch.py`` were measured
-while a training run kept both cores busy. Exit code 1 if any launch failed.
+The abort is rarer on an idle machine. With ``--runs 100`` on a 2-core CPU while a training run
+kept both cores busy, Detectron2's launch failed in 5 of 100 launches (SIGABRT), d2kd's in 0 of
+100; the process-group teardown alone (without ``os._exit``) took the 2-process GKD test's aborts
+from 5 of 30 runs to 0 of 50, but left this one-integer worker's at 1 of 30. Exit code 1 if any
+launch failed.
 """
 
 import argparse

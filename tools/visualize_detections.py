@@ -34,7 +34,7 @@ from d2kd import get_distill_cfg, register_bccd
 from d2kd.config import merge_config
 from d2kd.data import datasets_root
 from d2kd.modeling.student_weights import load_student
-from d2kd.modeling.teacher import build_teacher, build_teacher_cfg
+from d2kd.modeling.teacher import build_teacher
 
 __all__ = ["load_student", "predict", "draw_panel", "visualize", "main"]
 
@@ -85,17 +85,14 @@ def visualize(
     """
     Draw ground truth (for dataset dicts), teacher and student side by side for each of
     ``images`` (file paths or Detectron2 dataset dicts) into ``output_paths`` (PNG).
-    The teacher is built from ``cfg.DISTILL.TEACHER`` unless given; no teacher if the config
-    has no DISTILL.TEACHER.CONFIG_FILE.
+    The teacher (a :class:`~d2kd.modeling.teacher.Teacher`) is built from ``cfg.DISTILL.TEACHER``
+    unless given; no teacher if the config has no DISTILL.TEACHER.CONFIG_FILE.
     """
     names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
     metadata = MetadataCatalog.get(names[0]) if names else MetadataCatalog.get("__unused")
     student = student if student is not None else load_student(cfg, student_weights)
-    teacher_cfg = None
     if teacher is None and cfg.DISTILL.TEACHER.CONFIG_FILE:
         teacher = build_teacher(cfg)
-    if teacher is not None:
-        teacher_cfg = getattr(teacher, "d2kd_cfg", None) or build_teacher_cfg(cfg)
     written = []
     for image, out in zip(images, output_paths):
         dataset_dict = image if isinstance(image, dict) else None
@@ -106,7 +103,7 @@ def visualize(
         if dataset_dict is not None:
             panels.append(draw_panel(image_rgb, metadata, "ground truth", dataset_dict=dataset_dict))
         if teacher is not None:
-            panels.append(draw_panel(image_rgb, metadata, "teacher", predict(teacher, teacher_cfg, image_bgr), score_thresh=score_thresh))
+            panels.append(draw_panel(image_rgb, metadata, "teacher", predict(teacher.model, teacher.cfg, image_bgr), score_thresh=score_thresh))
         panels.append(draw_panel(image_rgb, metadata, "student", predict(student, cfg, image_bgr), score_thresh=score_thresh))
         gap = np.full((panels[0].shape[0], 8, 3), 255, dtype=np.uint8)
         row = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)

@@ -59,11 +59,10 @@ def _read_run_config(output_dir: str) -> Optional[dict]:
     path = os.path.join(output_dir, "config.yaml")
     if not os.path.isfile(path):
         return None
-    try:
-        import yaml
+    from d2kd.files import read_yaml
 
-        with open(path) as f:
-            return yaml.unsafe_load(f)
+    try:
+        return read_yaml(path)  # plain data: a Python tag is refused, never run
     except Exception:
         return None
 

@@ -6,7 +6,6 @@ from .loader import (
     ConfigOptionError,
     get_distill_cfg,
     load_config,
-    load_config_file,
     merge_config,
     resolve_config_file,
 )
@@ -17,7 +16,6 @@ __all__ = [
     "add_distill_config",
     "get_distill_cfg",
     "load_config",
-    "load_config_file",
     "merge_config",
     "register_config_extension",
     "resolve_config_file",

@@ -41,6 +41,9 @@ def _add_base_distill_config(cfg: CN):
     _C.DATASETS.DEFINE = []
     # ... and the VOC datasets' class names, in category-id order.
     _C.DATASETS.CLASSES = []
+    # True: decode every training image in full before training (a progress bar; one error lists
+    # every unreadable file). False: only each image's header is checked (VOC datasets).
+    _C.DATALOADER.DECODE_CHECK = False
     _C.DISTILL = CN()
     # Names of heads in DISTILL_HEAD_REGISTRY; empty = train a plain detector.
     _C.DISTILL.HEADS = []
@@ -82,8 +85,8 @@ def _add_base_distill_config(cfg: CN):
     # with distillation on, then fixes one multiplier per head so that its total is TARGET x the
     # detector loss (capped at MAX_MULTIPLIER when > 0). A head's own term weights are unchanged.
     # While measuring, the heads' terms are multiplied by MEASURE_MULTIPLIER: 0 measures them
-    # without training on them; 1 trains with the paper weights meanwhile. TARGET 0.5 was chosen
-    # on BCCD's validation split (docs/accuracy_study.md, "Automatic loss balance").
+    # without training on them; 1 trains with the paper weights meanwhile. docs/usage.md explains
+    # the default TARGET and why MODE is off by default.
     _C.DISTILL.LOSS_BALANCE = CN()
     _C.DISTILL.LOSS_BALANCE.MODE = "off"
     _C.DISTILL.LOSS_BALANCE.TARGET = 0.5

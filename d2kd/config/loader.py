@@ -15,17 +15,17 @@ import difflib
 import os
 from typing import Dict, List, Optional, Sequence
 
-import yaml
 from detectron2.config import CfgNode, get_cfg
 
+from ..files.yaml_config import merge_yaml_file, read_yaml
 from .defaults import add_distill_config
 
 __all__ = [
     "ConfigOptionError",
     "PATH_KEYS",
+    "check_key_value_pairs",
     "get_distill_cfg",
     "load_config",
-    "load_config_file",
     "merge_config",
     "resolve_config_file",
 ]
@@ -83,16 +83,12 @@ def load_config(config_file: str, opts: Sequence = (), role: str = "config", opt
     return cfg
 
 
-def load_config_file(name: str, opts=(), role: str = "config") -> CfgNode:
-    """Former name of :func:`load_config`."""
-    return load_config(name, opts, role)
-
-
 def merge_config(
     cfg: CfgNode, config_file: Optional[str] = None, opts: Sequence = (), role: str = "", opts_name: str = ""
 ) -> CfgNode:
     """
-    ``cfg.merge_from_file(config_file)``, relative paths resolved (:data:`PATH_KEYS`), then
+    ``config_file`` read as plain data (:func:`d2kd.files.yaml_config.merge_yaml_file`: no YAML
+    tag runs code), relative paths resolved (:data:`PATH_KEYS`), then
     ``cfg.merge_from_list(opts)``; an unknown key or a wrong type raises
     :class:`ConfigOptionError` naming the source and the closest keys.
     """
@@ -101,7 +97,7 @@ def merge_config(
             raise FileNotFoundError(f"Config file not found: {config_file} (working directory {os.getcwd()}).")
         source = f"{role} file {config_file}" if role else f"config file {config_file}"
         try:
-            cfg.merge_from_file(config_file)
+            merge_yaml_file(cfg, config_file)
         except (KeyError, AssertionError, ValueError) as e:
             translated = _translate(cfg, e, source)
             if translated is e:
@@ -110,6 +106,7 @@ def merge_config(
         _resolve_relative_paths(cfg, config_file)
     if opts:
         source = opts_name or "the command-line options"
+        check_key_value_pairs(opts, source)
         try:
             cfg.merge_from_list(list(opts))
         except (KeyError, AssertionError, ValueError) as e:
@@ -118,6 +115,16 @@ def merge_config(
                 raise
             raise translated from e
     return cfg
+
+
+def check_key_value_pairs(opts: Sequence, source: str):
+    """``opts`` must be a KEY VALUE list: an odd length is a :class:`ConfigOptionError` naming ``source`` and the list."""
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ConfigOptionError(
+            f"{source} must be a list of KEY VALUE pairs, but it has {len(opts)} entries: {opts}. A key lacks its "
+            f"value (or a value its key); the last entry is {opts[-1]!r}."
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,21 +154,13 @@ def _base_files(config_file: str, raw: Dict) -> List[str]:
     return resolved
 
 
-class _PathKeyLoader(yaml.SafeLoader):
-    """Reads a config's plain values; Python tags (model-zoo files use ``!!python/object/apply``) read as None."""
-
-
-_PathKeyLoader.add_multi_constructor("tag:yaml.org,2002:python/", lambda loader, suffix, node: None)
-
-
 def _path_values(config_file: str) -> Dict[str, str]:
     """
     For each key of PATH_KEYS set in ``config_file`` or its bases, the value the merge gives
     it, with a relative path joined to the folder of the file that set it when it names an
     existing file there.
     """
-    with open(config_file) as f:
-        raw = yaml.load(f, Loader=_PathKeyLoader) or {}
+    raw = read_yaml(config_file)
     values = {}
     for base in _base_files(config_file, raw):
         if os.path.isfile(base):
@@ -207,8 +206,6 @@ def _resolve_relative_paths(cfg: CfgNode, config_file: str):
 # ---------------------------------------------------------------------------------------
 # Config keys: unknown keys and wrong types, with the key the user probably meant.
 # ---------------------------------------------------------------------------------------
-
-
 
 
 def _flat_keys(cfg: CfgNode, prefix: str = "") -> List[str]:

@@ -6,8 +6,7 @@ COCO's small / medium / large area ranges (< 32², < 96², else; the ranges `APs
 
 Which classes are small decides which pyramid levels carry them (Detectron2's ROIPooler maps a
 box of side s to level floor(4 + log2(s / 224)), clamped to the levels present), so this is the
-first thing to read when a distillation method helps one class and hurts another
-(docs/accuracy_study.md, "Where the gap lives: per class").
+first thing to read when a distillation method helps one class and hurts another.
 """
 
 import math

@@ -7,11 +7,12 @@ package does not know where the repository is: the root is ``$D2KD_DATASETS`` if
 itself).
 """
 
+import json
 import os
 from typing import Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data.datasets import load_coco_json
 
 from .voc import DatasetFormatError, register_voc_dataset
 
@@ -75,4 +76,28 @@ def register_coco_dataset(name: str, json_file: str, image_root: str, class_name
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
     metadata = {"thing_classes": list(class_names)} if class_names else {}
-    register_coco_instances(name, metadata, json_file, image_root)
+    # Detectron2's register_coco_instances, with a loader whose errors name the annotation.
+    DatasetCatalog.register(name, lambda: load_coco_json_naming_bad_categories(json_file, image_root, name))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco", **metadata)
+
+
+def load_coco_json_naming_bad_categories(json_file: str, image_root: str, name: str):
+    """
+    Detectron2's ``load_coco_json``; an annotation whose ``category_id`` is not in the file's
+    ``categories`` raises :class:`DatasetFormatError` naming the file, the annotation id and the
+    category id (Detectron2's ``KeyError`` names neither the file nor the annotation).
+    """
+    try:
+        return load_coco_json(json_file, image_root, name)
+    except KeyError as e:
+        with open(json_file) as f:
+            data = json.load(f)
+        category_ids = sorted(c["id"] for c in data.get("categories", []))
+        for annotation in data.get("annotations", []):
+            if annotation.get("category_id") not in category_ids:
+                raise DatasetFormatError(
+                    f"{json_file}: annotation id {annotation.get('id')} (image id {annotation.get('image_id')}) has "
+                    f"category_id {annotation.get('category_id')}, which is not among the file's 'categories' "
+                    f"(ids {category_ids}). Add that category to 'categories' or fix the annotation's category_id."
+                ) from e
+        raise

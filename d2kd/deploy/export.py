@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.modeling import GeneralizedRCNN, build_model
 
 from ..config import load_config
+from ..files import SafeDetectionCheckpointer, read_checkpoint
 from .student_config import D2KD_CONFIG_NAME, read_class_names, write_student_config
 
 __all__ = [
@@ -100,7 +100,7 @@ def check_run_dir(run_dir: str):
 
 def save_student_weights(checkpoint: str, path: str) -> str:
     """Write ``{"model": <the student's state_dict>}`` of a d2kd checkpoint to ``path``."""
-    data = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    data = read_checkpoint(checkpoint)  # weights_only=True: no code runs from the file
     state = data["model"] if isinstance(data, dict) and "model" in data else data
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -324,7 +324,7 @@ def export_student(
         opts = ["MODEL.DEVICE", "cpu"]
     cfg = load_config(d2kd_config if os.path.isfile(d2kd_config) else config, opts)
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    SafeDetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
 
     result = ExportResult(output_dir, weights, config, os.path.join(output_dir, "model.ts"))

@@ -17,6 +17,7 @@ A build error, a non-finite term or a failed step is an error (``report.ok`` is 
 beside the detector losses, and head parameters without gradient are warnings.
 """
 
+import contextlib
 import logging
 import os
 import shutil
@@ -32,8 +33,10 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from ..config import uses_teacher
+from ..modeling.distiller import DistillationModel
 from ..modeling.inherit import InheritError, inherit_teacher_parameters
 from ..modeling.loss_balance import LossBalance
+from ..modeling.teacher import Teacher
 
 __all__ = ["CheckReport", "run_check", "describe_shapes"]
 
@@ -155,7 +158,6 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
         from .trainer import DistillTrainer as trainer_class
 
     report = CheckReport()
-    distilling = bool(cfg.DISTILL.HEADS)
     has_teacher = uses_teacher(cfg)  # heads, or DISTILL.INHERIT alone: a random teacher is worth a warning
     evaluate_teacher = has_teacher and num_images > 0 and len(cfg.DATASETS.TEST) > 0
     printer = _Printer(log, 3 + int(evaluate_teacher))
@@ -178,16 +180,14 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
         return _finish(report, log)
     printer.done()
     model = _unwrap(trainer.model)
-    heads = getattr(trainer, "heads", {}) or {}
+    distiller = model if isinstance(model, DistillationModel) else None  # None: no distillation heads
+    heads = trainer.heads
     if has_teacher:
-        teacher_cfg = getattr(trainer.teacher, "d2kd_cfg", None)
         log(f"    teacher: {cfg.DISTILL.TEACHER.CONFIG_FILE} with weights {cfg.DISTILL.TEACHER.WEIGHTS}")
-        if teacher_cfg is not None:
-            log(f"    teacher input: {teacher_cfg.INPUT.FORMAT}, student input: {cfg.INPUT.FORMAT}; "
-                f"teacher input scale {cfg.DISTILL.TEACHER.INPUT_SCALE}")
-        runner = getattr(model, "teacher_runner", None)
-        if runner is not None:
-            log(f"    teacher parts run each step: {sorted(runner.parts) or 'none'}")
+        log(f"    teacher input: {trainer.teacher_cfg.INPUT.FORMAT}, student input: {cfg.INPUT.FORMAT}; "
+            f"teacher input scale {cfg.DISTILL.TEACHER.INPUT_SCALE}")
+        if distiller is not None:
+            log(f"    teacher parts run each step: {sorted(distiller.teacher_runner.parts) or 'none'}")
     if cfg.DISTILL.INHERIT.ENABLED:
         try:
             inherited = inherit_teacher_parameters(trainer.student, trainer.teacher, cfg.DISTILL.INHERIT.PREFIXES)
@@ -211,37 +211,35 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
 
     # 3. One training forward and backward, no update.
     # The first iteration at which every head distils (after DISTILL.WARMUP_ITERS and any head's own warm-up).
-    iteration = max(int(cfg.DISTILL.WARMUP_ITERS), model.heads_warmup_iters, 0) if distilling else 0
-    when = f"at iteration {iteration}, distillation on" if distilling else "plain detector"
+    iteration = max(int(cfg.DISTILL.WARMUP_ITERS), distiller.heads_warmup_iters, 0) if distiller is not None else 0
+    when = f"at iteration {iteration}, distillation on" if distiller is not None else "plain detector"
     printer.phase(f"one training step without update ({when})")
-    recorded = _RecordTap(model)
     # The step runs with the paper weights: DISTILL.LOSS_BALANCE would multiply the heads' terms
     # by MEASURE_MULTIPLIER (0 by default) here; the multipliers this batch implies come below.
-    balance = getattr(model, "loss_balance", None)
-    if balance is not None:
-        model.loss_balance = None
-    try:
-        model.train()
-        with EventStorage(iteration):
-            _run_head_hooks_before_train(trainer, iteration, log)
-            loss_dict = trainer.model(batch)
-            total = sum(loss_dict.values())
-            trainer.optimizer.zero_grad()
-            total.backward()
-    except Exception as e:  # noqa: BLE001
-        recorded.restore()
-        fail("the training step", e)
-        return _finish(report, log)
-    finally:
-        if balance is not None:
-            model.loss_balance = balance
-    recorded.restore()
+    with contextlib.ExitStack() as stack:
+        if distiller is not None:
+            stack.enter_context(distiller.keeping_last_step())
+            stack.enter_context(distiller.paper_weights())
+        try:
+            model.train()
+            with EventStorage(iteration):
+                _run_head_hooks_before_train(trainer, iteration, log)
+                loss_dict = trainer.model(batch)
+                total = sum(loss_dict.values())
+                trainer.optimizer.zero_grad()
+                total.backward()
+        except Exception as e:  # noqa: BLE001
+            fail("the training step", e)
+            return _finish(report, log)
     printer.done()
 
-    _report_captures(report, recorded, log)
+    step = distiller.last_step if distiller is not None else None
+    if step is not None:
+        _report_captures(report, distiller.capture_targets, step.records, log)
     _report_modules(report, heads, log)
     _report_losses(report, loss_dict, log)
-    _report_loss_balance(report, cfg, heads, log)
+    if step is not None:
+        _report_loss_balance(report, cfg, step.terms, log)
     trainer.optimizer.zero_grad()
 
     # 4. The teacher's AP on a few test images.
@@ -254,58 +252,25 @@ def run_check(cfg, num_images: int = 8, log: Callable[[str], None] = None, train
 
 def _run_head_hooks_before_train(trainer, iteration, log):
     """
-    ``before_train`` of the hooks that are not Detectron2's (the heads' own, e.g. GKD's
-    prototype generation), so the step sees the state training would start from.
+    ``before_train`` of the heads' own hooks (e.g. GKD's prototype generation), so the step
+    sees the state training would start from.
     """
-    from .hooks import NonFiniteLossGuard
-
-    own = [
-        h for h in getattr(trainer, "_hooks", [])
-        if not type(h).__module__.startswith("detectron2") and not isinstance(h, NonFiniteLossGuard)
-    ]
-    if not own:
+    hooks = trainer.head_hooks
+    if not hooks:
         return
     trainer.iter = iteration
-    for h in own:
+    for h in hooks:
         log(f"    running {type(h).__name__}.before_train ...")
         h.before_train()
 
 
-class _RecordTap:
-    """Keeps what the distillation model's recorders hand to the heads in one step."""
-
-    def __init__(self, model):
-        self.records = {}
-        self.targets = {}
-        self._patched = []
-        for role in ("student", "teacher"):
-            recorder = getattr(model, f"{role}_recorder", None)
-            if recorder is None:
-                continue
-            self.targets[role] = list(recorder.module_targets) + list(recorder.method_targets)
-            original = recorder.pop
-
-            def pop(original=original, role=role):
-                records = original()
-                self.records[role] = records
-                return records
-
-            recorder.pop = pop
-            self._patched.append(recorder)
-
-    def restore(self):
-        for recorder in self._patched:
-            if "pop" in vars(recorder):
-                del recorder.pop
-        self._patched = []
-
-
-def _report_captures(report, tap, log):
-    if not tap.targets:
+def _report_captures(report, capture_targets, step_records, log):
+    """What the recorders handed to the heads in the step (``step_records``: role -> Records)."""
+    if not any(capture_targets.values()):
         return
     log("Capture points (what the heads read):")
-    for role, targets in tap.targets.items():
-        records = tap.records.get(role)
+    for role, targets in capture_targets.items():
+        records = step_records.get(role)
         shown = OrderedDict()
         for target in targets:
             if records is None or target not in records:
@@ -374,18 +339,17 @@ def _report_losses(report, loss_dict, log):
             report.warnings.append(f"{k} is only {ratio:.3g} x the detector losses: it may have no effect; check its weight.")
 
 
-def _report_loss_balance(report, cfg, heads, log):
-    """DISTILL.LOSS_BALANCE "initial": the multipliers this one batch implies (the run measures ITERS batches)."""
+def _report_loss_balance(report, cfg, head_terms, log):
+    """
+    DISTILL.LOSS_BALANCE "initial": the multipliers this one batch implies (the run measures
+    ITERS batches), from the step's ``head_terms`` (head -> term -> value, before any multiplier).
+    """
     opts = cfg.DISTILL.LOSS_BALANCE
-    if opts.MODE != "initial" or not heads:
+    if opts.MODE != "initial" or not head_terms:
         return
-    balance = LossBalance(list(heads), "initial", opts.TARGET, 1, opts.MAX_MULTIPLIER)
+    balance = LossBalance(list(head_terms), "initial", opts.TARGET, 1, opts.MAX_MULTIPLIER)
     detector = {k: torch.tensor(v) for k, v in report.losses.items() if not k.startswith("loss_kd_")}
-    terms = {
-        name: {k: torch.tensor(v) for k, v in report.losses.items() if k == f"loss_kd_{name}" or k.startswith(f"loss_kd_{name}_")}
-        for name in heads
-    }
-    balance.observe(terms, detector)
+    balance.observe(head_terms, detector)
     report.loss_balance = balance.as_dict()
     log(
         f"DISTILL.LOSS_BALANCE initial (target {opts.TARGET} x the detector loss): on this batch the multipliers "
@@ -408,7 +372,7 @@ def _check_teacher_ap(report, trainer, cfg, num_images, printer, log, fail):
         eval_cfg.DATASETS.TEST = (name,)
         eval_cfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, "check_teacher_eval")
         shutil.rmtree(eval_cfg.OUTPUT_DIR, ignore_errors=True)  # no stale COCO-json cache
-        results = trainer.test_teacher(eval_cfg, trainer.teacher)
+        results = trainer.test_teacher(eval_cfg, Teacher(trainer.teacher, trainer.teacher_cfg))
     except Exception as e:  # noqa: BLE001
         fail("evaluating the teacher", e)
         return

@@ -8,16 +8,20 @@ import os
 from typing import Iterator, List, Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 
+from ..files import SafeDetectionCheckpointer
 from ..modeling.teacher import read_checkpoint_file
 from .hooks import TrainingDivergedError, divergence_message, head_option_nodes, likely_fixes
 
-__all__ = ["SafeCheckpointer", "atomic_write_bytes", "nonfinite_entries", "ResumeMismatchError"]
+__all__ = ["SafeCheckpointer", "head_options", "atomic_write_bytes", "nonfinite_entries", "ResumeMismatchError", "CheckpointWriteError"]
 
 
 class ResumeMismatchError(ValueError):
     """``--resume`` into a run trained with other distillation heads than the config's."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a lost mount); the previous one is intact."""
 
 
 def atomic_write_bytes(path: str, write_fn, mode: str = "wb"):
@@ -52,14 +56,37 @@ def nonfinite_entries(obj, prefix: str = "") -> Iterator[str]:
             yield from nonfinite_entries(v, f"{prefix}/{i}")
 
 
+def head_options(cfg, heads) -> dict:
+    """``{head: {"DISTILL.<KEY>.<OPTION>": value}}``: the options node of each built head, flattened."""
+    out = {}
+    for name, head in heads.items():
+        key = type(head).config_key()
+        out[name] = _flatten(cfg.DISTILL[key], f"DISTILL.{key}") if key in cfg.DISTILL else {}
+    return out
+
+
+def _flatten(node, prefix: str) -> dict:
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}.{key}"))
+        else:
+            flat[f"{prefix}.{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
 def _head_names(state_dict) -> List[str]:
     """The heads that own entries of a ``"distiller"`` state dict (``<head>.<key>``)."""
     return sorted({k.split(".", 1)[0] for k in state_dict})
 
 
-class SafeCheckpointer(DetectionCheckpointer):
+class SafeCheckpointer(SafeDetectionCheckpointer):
     """
-    ``DetectionCheckpointer`` whose ``save`` and ``last_checkpoint`` tag are atomic, and which
+    ``DetectionCheckpointer`` that reads files without running code (:mod:`d2kd.files`), whose
+    ``save`` and ``last_checkpoint`` tag are atomic, and which
+
+    - names the intact previous checkpoint when one cannot be written (a full disk):
+      :class:`CheckpointWriteError`;
 
     - refuses to save a state with a non-finite value (parameters, buffers, optimizer state):
       it raises :class:`~d2kd.engine.hooks.TrainingDivergedError` instead, so
@@ -74,6 +101,15 @@ class SafeCheckpointer(DetectionCheckpointer):
     weights_option = "MODEL.WEIGHTS"
     _resuming = False
 
+    def __init__(self, model, save_dir: str = "", *, head_options: Optional[dict] = None, **checkpointables):
+        """
+        ``head_options``: ``{head: {"DISTILL.<KEY>.<OPTION>": value}}`` of the run's heads
+        (:func:`head_options`), saved in every checkpoint so that a resume with other options
+        names them.
+        """
+        super().__init__(model, save_dir, **checkpointables)
+        self.head_options = head_options or {}
+
     def save(self, name: str, **kwargs):
         if not self.save_dir or not self.save_to_disk:
             return
@@ -81,13 +117,34 @@ class SafeCheckpointer(DetectionCheckpointer):
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
+        if self.head_options:
+            data["head_options"] = self.head_options
         basename = f"{name}.pth"
         self._check_finite(data, basename)
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
         os.makedirs(self.save_dir, exist_ok=True)
-        atomic_write_bytes(save_file, lambda f: torch.save(data, f))
+        try:
+            atomic_write_bytes(save_file, lambda f: torch.save(data, f))
+        except OSError as e:
+            raise CheckpointWriteError(self._write_failure_message(save_file, e)) from e
         self.tag_last_checkpoint(basename)
+
+    def _write_failure_message(self, save_file: str, error: OSError) -> str:
+        reason = error.strerror or str(error)
+        if os.path.exists(save_file):
+            intact = f"{save_file} is untouched (the new state went to a temporary file, now removed)"
+        elif self.has_checkpoint():
+            intact = (
+                f"the previous checkpoint {self.get_checkpoint_file()} is intact and "
+                f"{os.path.join(self.save_dir, 'last_checkpoint')} still names it"
+            )
+        else:
+            intact = "no earlier checkpoint of this run exists"
+        return (
+            f"Could not write the checkpoint {save_file} ({reason}). Nothing was damaged: {intact}. Free space "
+            "on that disk (or set OUTPUT_DIR to another one) and continue with --resume."
+        )
 
     def _check_finite(self, data, basename: str):
         bad = list(nonfinite_entries(data))
@@ -147,6 +204,45 @@ class SafeCheckpointer(DetectionCheckpointer):
             "(with --overwrite, or in another OUTPUT_DIR)."
         )
 
+    def _check_same_head_options(self, checkpoint, path: str):
+        """
+        The heads' state in the checkpoint must have the keys and shapes of the built heads;
+        otherwise (e.g. fitnet trained on other IN_FEATURES) loading would fail in the
+        optimizer with an opaque ``ValueError``. The error names the options that differ.
+        """
+        heads = self.checkpointables.get("distiller")
+        if heads is None:
+            return
+        saved_state = checkpoint.get("distiller", {})
+        current_state = heads.state_dict()
+        saved_shapes = {k: tuple(v.shape) for k, v in saved_state.items() if hasattr(v, "shape")}
+        current_shapes = {k: tuple(v.shape) for k, v in current_state.items()}
+        if saved_shapes == current_shapes:
+            return
+        differing_heads = sorted(
+            {k.split(".", 1)[0] for k in set(saved_shapes) ^ set(current_shapes)}
+            | {k.split(".", 1)[0] for k in set(saved_shapes) & set(current_shapes) if saved_shapes[k] != current_shapes[k]}
+        )
+        saved_options = checkpoint.get("head_options") or {}
+        changes = []
+        for head in differing_heads:
+            before, now = saved_options.get(head, {}), self.head_options.get(head, {})
+            changes += [
+                f"{key} was {before.get(key)!r} in the run, is {now.get(key)!r} now"
+                for key in sorted(set(before) | set(now))
+                if before.get(key) != now.get(key)
+            ]
+        if changes:
+            what = "other head options: " + "; ".join(changes)
+        else:
+            keys = sorted(set(saved_shapes) ^ set(current_shapes))[:6]
+            what = f"other head options (the heads' trainable state differs, e.g. {keys or differing_heads})"
+        raise ResumeMismatchError(
+            f"Cannot resume from {path}: the run's heads {differing_heads} were trained with {what}. Resume "
+            "with the options the run was started with, or start a new run (another OUTPUT_DIR, or --overwrite); "
+            f"to start the new options from this run's student, set MODEL.WEIGHTS {path} without --resume."
+        )
+
     def _check_same_heads(self, checkpoint, path: str):
         """
         The heads with trainable state in the checkpoint's ``"distiller"`` entry must be those of
@@ -157,6 +253,7 @@ class SafeCheckpointer(DetectionCheckpointer):
         saved = _head_names(checkpoint.get("distiller", {}))
         configured = _head_names(heads.state_dict()) if heads is not None else []
         if saved == configured:
+            self._check_same_head_options(checkpoint, path)
             return
         config_heads = list(heads.keys()) if heads is not None else []
         difference = "; ".join(

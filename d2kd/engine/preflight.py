@@ -3,22 +3,22 @@
 import glob
 import logging
 import os
+import tempfile
 import time
 from typing import List, Mapping, Optional, Sequence
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..config.loader import ConfigOptionError, merge_config  # noqa: F401  (their old home)
-
 __all__ = [
     "check_output_dir",
+    "check_output_dir_writable",
+    "warn_unused_head_options",
+    "unused_head_options",
     "set_aside_previous_logs",
     "set_aside_previous_run",
     "validate_datasets",
     "OutputDirError",
-    "ConfigOptionError",
-    "merge_config",
     "dataset_classes",
     "teacher_classes",
     "check_class_alignment",
@@ -56,6 +56,23 @@ RUN_STATE_PATTERNS = (
     "inference",
     "teacher_eval",
 )
+
+
+def check_output_dir_writable(output_dir: str):
+    """
+    Create ``output_dir`` if needed and write (then remove) a file in it; an :class:`OutputDirError`
+    naming the folder and the fix if that fails, before any model is built.
+    """
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".d2kd_write_check_"):
+            pass
+    except OSError as e:
+        raise OutputDirError(
+            f"OUTPUT_DIR {output_dir} cannot be written ({e.strerror or e}): checkpoints, logs and results go "
+            "there. Set OUTPUT_DIR to a folder you can write (e.g. OUTPUT_DIR ./output/my_run on the command "
+            "line), or fix that folder's permissions or free its disk."
+        ) from e
 
 
 def set_aside_previous_logs(output_dir: str, patterns: Sequence[str] = RUN_LOG_PATTERNS) -> Optional[str]:
@@ -245,3 +262,52 @@ def get_train_dataset_dicts(cfg: CfgNode) -> List[dict]:
                 "(class names, boxes), or set DATALOADER.FILTER_EMPTY_ANNOTATIONS False to train on them anyway."
             ) from e
         raise
+
+
+# ---------------------------------------------------------------------------------------
+# Head options without their head.
+# ---------------------------------------------------------------------------------------
+
+
+def unused_head_options(cfg: CfgNode) -> List[str]:
+    """
+    The ``DISTILL.<HEAD>.<OPTION>`` keys that differ from their defaults for registered heads not
+    in ``DISTILL.HEADS``: they change nothing, which is most often a typo in ``HEADS`` or an
+    option left from another method. Each is ``"KEY = value (default d)"``.
+    """
+    from ..config.loader import get_distill_cfg
+    from ..heads import DISTILL_HEAD_REGISTRY
+
+    defaults = get_distill_cfg().DISTILL
+    listed = {name.lower() for name in cfg.DISTILL.HEADS}
+    found = []
+    for name, head_class in sorted(DISTILL_HEAD_REGISTRY):
+        key = head_class.config_key()
+        if name.lower() in listed or key not in cfg.DISTILL or key not in defaults:
+            continue
+        found += _changed_leaves(cfg.DISTILL[key], defaults[key], f"DISTILL.{key}")
+    return found
+
+
+def _changed_leaves(node, default, prefix: str) -> List[str]:
+    changed = []
+    for key, value in node.items():
+        default_value = default.get(key) if isinstance(default, dict) else None
+        if isinstance(value, dict):
+            changed += _changed_leaves(value, default_value or {}, f"{prefix}.{key}")
+        elif value != default_value and not (isinstance(value, (list, tuple)) and list(value) == list(default_value or [])):
+            changed.append(f"{prefix}.{key} = {value!r} (default {default_value!r})")
+    return changed
+
+
+def warn_unused_head_options(cfg: CfgNode):
+    """Log a warning naming every option of :func:`unused_head_options`."""
+    unused = unused_head_options(cfg)
+    if unused:
+        logger.warning(
+            "These options are set for heads not in DISTILL.HEADS %s and have no effect: %s. Add the head to "
+            "DISTILL.HEADS, or remove the options.",
+            list(cfg.DISTILL.HEADS),
+            "; ".join(unused),
+        )
+    return unused

@@ -8,6 +8,7 @@ import logging
 import os
 import weakref
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 from detectron2.engine import DefaultTrainer, create_ddp_model, hooks
@@ -24,11 +25,11 @@ from ..deploy import write_student_config
 from ..modeling.distiller import DistillationModel
 from ..modeling.loss_balance import LossBalance
 from ..modeling.schedule import DistillSchedule
-from ..modeling.teacher import build_teacher, build_teacher_cfg
-from ..data.mapper import SafeDatasetMapper
+from ..modeling.teacher import Teacher, build_teacher
+from ..data.mapper import SafeDatasetMapper, check_images_decode
 from ..data.sampler import ResumedTrainingSampler, SeededMapDataset
 from .amp import build_step_trainer
-from .checkpoint import SafeCheckpointer
+from .checkpoint import SafeCheckpointer, head_options
 from .hooks import (
     NonFiniteLossGuard,
     TrainingDivergedError,
@@ -37,7 +38,7 @@ from .hooks import (
     last_checkpoint_of,
     likely_fixes,
 )
-from .preflight import check_class_alignment, get_train_dataset_dicts
+from .preflight import check_class_alignment, get_train_dataset_dicts, warn_unused_head_options
 from .rng import RNGState
 
 __all__ = ["DistillTrainer"]
@@ -52,6 +53,7 @@ class DistillTrainer(DefaultTrainer):
 
     - The teacher is built from its own config, loaded strictly, frozen, kept in eval mode and
       run under ``no_grad``; it is not in the student's state_dict, optimizer or DDP wrapper.
+      ``teacher`` is the model, ``teacher_cfg`` the config it was built from (None without one).
     - The optimised module is ``student + heads`` (:class:`DistillationModel`), wrapped once
       in DDP. Adapters are built before the optimizer, from the shapes the models report.
     - Checkpoints hold the student under ``"model"`` (so they load into plain Detectron2 with
@@ -68,16 +70,20 @@ class DistillTrainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        warn_unused_head_options(cfg)
+        if cfg.DATALOADER.DECODE_CHECK:  # before any model is built
+            check_images_decode(get_train_dataset_dicts(cfg), cfg.INPUT.FORMAT)
 
         student = self.build_model(cfg)
         self.teacher = None
+        self.teacher_cfg = None
         self.heads = torch.nn.ModuleDict()
         model = student
         if uses_teacher(cfg):  # distillation heads, or only DISTILL.INHERIT
-            self.teacher = self.build_teacher(cfg)
-            context = BuildContext(student, self.teacher, cfg, self.teacher.d2kd_cfg)
+            self.teacher, self.teacher_cfg = self.build_teacher(cfg)
+            context = BuildContext(student, self.teacher, cfg, self.teacher_cfg)
             self.heads = build_distill_heads(cfg, context).to(student.device)
-            check_class_alignment(cfg, getattr(self.teacher, "d2kd_cfg", None), self.heads)
+            check_class_alignment(cfg, self.teacher_cfg, self.heads)
         self.loss_balance = None
         if len(self.heads):
             self.loss_balance = LossBalance.from_config(cfg, list(self.heads.keys())).to(student.device)
@@ -102,11 +108,18 @@ class DistillTrainer(DefaultTrainer):
         # Random generator state, restored on resume in single-process runs (see RNGState).
         self._rng_state = RNGState()
         checkpointables["rng"] = self._rng_state
-        self.checkpointer = SafeCheckpointer(student, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **checkpointables)
+        self.checkpointer = SafeCheckpointer(
+            student,
+            cfg.OUTPUT_DIR,
+            head_options=head_options(cfg, self.heads),
+            trainer=weakref.proxy(self),
+            **checkpointables,
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self._teacher_results = None
+        self._head_hooks = []
         self.register_hooks(self.build_hooks())
         if comm.is_main_process():
             # A config plain Detectron2 accepts, for the student that leaves d2kd (d2kd.deploy).
@@ -184,9 +197,20 @@ class DistillTrainer(DefaultTrainer):
         return build_detection_test_loader(cfg, dataset_name, mapper=SafeDatasetMapper(cfg, False))
 
     @classmethod
-    def build_teacher(cls, cfg):
-        """The frozen teacher; override to build it differently."""
+    def build_teacher(cls, cfg) -> Teacher:
+        """The frozen teacher and its config (:class:`~d2kd.modeling.teacher.Teacher`); override to build it differently."""
         return build_teacher(cfg)
+
+    @property
+    def head_hooks(self):
+        """The hooks the distillation heads registered (e.g. GKD's prototype generation), in order."""
+        return list(self._head_hooks)
+
+    @property
+    def last_eval_results(self):
+        """The results of the last evaluation (the student's, and ``teacher/...`` with
+        ``DISTILL.EVAL_TEACHER``); None before the first."""
+        return getattr(self, "_last_eval_results", None)  # the attribute Detectron2's train() reads
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -204,6 +228,7 @@ class DistillTrainer(DefaultTrainer):
                 ret[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate_student_and_teacher)
         # Heads' own hooks (e.g. prototype updates) run before checkpointing and evaluation.
         head_hooks = [h for head in self.heads.values() for h in head.build_hooks(self)]
+        self._head_hooks = head_hooks
         first_late = next(
             (i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))), len(ret)
         )
@@ -213,26 +238,27 @@ class DistillTrainer(DefaultTrainer):
         results = self.test(self.cfg, self.student)
         if self.cfg.DISTILL.EVAL_TEACHER and self.teacher is not None:
             if self._teacher_results is None:  # the teacher is frozen: measure it once
-                self._teacher_results = self.test_teacher(self.cfg, self.teacher)
+                self._teacher_results = self.test_teacher(self.cfg, Teacher(self.teacher, self.teacher_cfg))
             results = OrderedDict(results)
             results.update(self._teacher_results)
         self._last_eval_results = results
         return results
 
     @classmethod
-    def test_teacher(cls, cfg, teacher=None):
+    def test_teacher(cls, cfg, teacher: Optional[Teacher] = None):
         """
-        Evaluate the teacher on the student's test sets, fed through the teacher's own input
-        pipeline. Returns results keyed ``teacher/<task>``.
+        Evaluate the teacher (a :class:`~d2kd.modeling.teacher.Teacher`; built from ``cfg``
+        if None) on the student's test sets ``cfg.DATASETS.TEST``, fed through the teacher's
+        own input pipeline. Returns results keyed ``teacher/<task>``.
         """
-        teacher = teacher if teacher is not None else build_teacher(cfg)
-        teacher_cfg = build_teacher_cfg(cfg).clone()
+        model, teacher_cfg = teacher if teacher is not None else build_teacher(cfg)
+        teacher_cfg = teacher_cfg.clone()
         teacher_cfg.defrost()
         teacher_cfg.DATASETS.TEST = cfg.DATASETS.TEST
         teacher_cfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, "teacher_eval")
         teacher_cfg.TEST.EXPECTED_RESULTS = []
-        results = cls.test(teacher_cfg, teacher)
-        teacher.eval()  # inference_on_dataset restores the previous mode; keep it eval
+        results = cls.test(teacher_cfg, model)
+        model.eval()  # inference_on_dataset restores the previous mode; keep it eval
         return OrderedDict((f"teacher/{k}", copy.deepcopy(v)) for k, v in results.items())
 
 

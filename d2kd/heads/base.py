@@ -6,7 +6,7 @@ training step into named loss terms. Its trainable parts (adapters, non-local bl
 are submodules, so they are optimised and checkpointed with it; the teacher is never one
 of its submodules.
 
-Built-in heads follow Detectron2's ``@configurable`` convention: ``__init__`` takes explicit
+A head is built with Detectron2's ``@configurable`` convention: ``__init__`` takes explicit
 keyword arguments, and ``from_config(cfg, context)`` turns ``cfg.DISTILL.<NAME>`` and a
 :class:`BuildContext` into them. ``Head(cfg, context)`` (what :func:`build_distill_heads`
 calls) goes through ``from_config``; tests and Python users can skip the config::
@@ -20,7 +20,8 @@ calls) goes through ``from_config``; tests and Python users can skip the config:
 
 Heads that size modules from the models take the built :class:`FeaturePairing`; heads that
 check or read the detectors' structure (RoI/RPN/dense outputs) take ``student``/``teacher``.
-Option checks raise the same :class:`DistillConfigError` either way.
+``__init__`` checks the option values (so both ways of building are checked), raising
+:class:`DistillConfigError` with the name of the config key; ``from_config`` only reads the config.
 
 To add a method, subclass :class:`DistillHead`, register it and name it in a config::
 
@@ -29,16 +30,25 @@ To add a method, subclass :class:`DistillHead`, register it and name it in a con
         @classmethod
         def add_config(cls, cfg):
             cfg.DISTILL.MYHEAD = CN({"WEIGHT": 1.0})
-        def __init__(self, cfg, context):
-            super().__init__(cfg, context)
-            self.student_modules = ["backbone"]; self.teacher_parts = {"backbone"}
+
+        @configurable
+        def __init__(self, *, weight: float = 1.0):
+            super().__init__()
+            self.weight = weight
+            self.student_modules = ["backbone"]; self.teacher_modules = ["backbone"]
+            self.teacher_parts = {"backbone"}
+
+        @classmethod
+        def from_config(cls, cfg, context):
+            return {"weight": cls.options(cfg, context).WEIGHT}
+
         def forward(self, student, teacher, step):
             return {"p2": ...}            # logged as loss_kd_myhead_p2
 
     # YAML: DISTILL: {HEADS: ["MyHead"], MYHEAD: {WEIGHT: 2.0}}
 
-(A head may equally use ``@configurable def __init__(self, *, weight=1.0)`` with
-``@classmethod from_config(cls, cfg, context)``, as the built-in ones do.)
+A feature-imitation method on FPN levels that differs from the others only in its loss
+subclasses :class:`~d2kd.heads.feature_imitation.FeatureImitationHead` instead.
 """
 
 from typing import Dict, List, Optional, Set
@@ -90,12 +100,10 @@ class DistillHead(nn.Module):
     ``forward(student, teacher, step)`` returns a dict ``term -> scalar``; the term ``""``
     is the head's single loss. Terms are logged as ``loss_kd_<name>[_<term>]``.
 
-    ``warmup_iters``: a head whose terms are zero for its first iterations (its own warm-up,
-    e.g. FGFI's, on top of ``DISTILL.WARMUP_ITERS``) sets it, so that ``DISTILL.LOSS_BALANCE``
-    measures the head only once it distils and ``--check`` steps at an iteration where it does.
-
-    ``__init__`` needs no argument; ``(cfg, context)`` are accepted and ignored, so heads
-    written as ``super().__init__(cfg, context)`` keep working.
+    ``warmup_iters``: a head with a warm-up of its own (e.g. FGFI's, on top of
+    ``DISTILL.WARMUP_ITERS``) sets it; the distillation model gives the head zero terms before
+    that iteration without calling it, ``DISTILL.LOSS_BALANCE`` measures the head only once it
+    distils and ``--check`` steps at an iteration where it does.
     """
 
     # Which levels an empty IN_FEATURES means (detector_levels): "rpn" (the levels the
@@ -103,7 +111,7 @@ class DistillHead(nn.Module):
     # (the backbone's bottom-up stages, then the "rpn" levels).
     LEVEL_SOURCE = "rpn"
 
-    def __init__(self, cfg: Optional[CfgNode] = None, context: Optional[BuildContext] = None):
+    def __init__(self):
         super().__init__()
         self.name = type(self).registry_name()
         self.student_modules: List[str] = []
@@ -198,15 +206,6 @@ def _fill_empty_in_features(node: CfgNode, levels):
             _fill_empty_in_features(value, levels)
         elif key == "IN_FEATURES" and not value:
             node[key] = list(levels())
-
-
-def student_and_teacher(context=None, student=None, teacher=None):
-    """``(student, teacher)``: the models of ``context`` (a :class:`BuildContext`), if given."""
-    if context is not None:
-        return context.student, context.teacher
-    if student is None or teacher is None:
-        raise TypeError("Pass the student and teacher models (or a BuildContext).")
-    return student, teacher
 
 
 def _lookup_head_class(name: str):

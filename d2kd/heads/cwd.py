@@ -5,11 +5,12 @@ from detectron2.config import configurable
 
 from ..losses import kd_kl_div
 from ..modeling.feature_pairs import (
+    FeaturePairing,
     add_feature_pairing_config,
     feature_pairing_adapting_mismatched_channels,
-    FeaturePairing,
 )
-from .base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
+from .base import DISTILL_HEAD_REGISTRY, DistillConfigError
+from .feature_imitation import FeatureImitationHead
 
 __all__ = ["CWD", "channel_wise_divergence"]
 
@@ -33,7 +34,7 @@ def channel_wise_divergence(student, teacher, tau: float = 1.0):
 
 
 @DISTILL_HEAD_REGISTRY.register()
-class CWD(DistillHead):
+class CWD(FeatureImitationHead):
     """
     Channel-wise distillation of the FPN levels ``IN_FEATURES`` (p2..p6, as mmrazor's Faster
     R-CNN R101 -> R50 config): one term per level, ``WEIGHT * channel_wise_divergence(S_l, T_l,
@@ -48,6 +49,8 @@ class CWD(DistillHead):
     adapter_enabled=False), weight=10.0, tau=1.0)`` (the adapter choice is then the caller's).
     """
 
+    pairing_from_config = staticmethod(feature_pairing_adapting_mismatched_channels)
+
     @classmethod
     def add_config(cls, cfg):
         cfg.DISTILL.CWD = CN()
@@ -59,26 +62,14 @@ class CWD(DistillHead):
 
     @configurable
     def __init__(self, *, pairing: FeaturePairing, weight: float = 10.0, tau: float = 1.0):
-        super().__init__()
-        _check_tau(tau)
-        self.weight = weight
+        if tau <= 0:
+            raise DistillConfigError(f"DISTILL.CWD.TAU must be > 0, got {tau}.")
+        super().__init__(pairing=pairing, weight=weight)
         self.tau = tau
-        self.pairing = pairing
-        self.capture_pairing(self.pairing)
 
     @classmethod
-    def from_config(cls, cfg, context):
-        opts = cls.options(cfg, context)
-        _check_tau(opts.TAU)
-        return {"pairing": feature_pairing_adapting_mismatched_channels(opts, context, cfg), "weight": opts.WEIGHT, "tau": opts.TAU}
+    def loss_options(cls, opts):
+        return {"weight": opts.WEIGHT, "tau": opts.TAU}
 
-    def forward(self, student, teacher, step):
-        return {
-            level: self.weight * channel_wise_divergence(adapted, target, self.tau)
-            for level, adapted, target, _ in self.pairing.pairs(student, teacher)
-        }
-
-
-def _check_tau(tau):
-    if tau <= 0:
-        raise DistillConfigError(f"DISTILL.CWD.TAU must be > 0, got {tau}.")
+    def level_loss(self, level, adapted, target):
+        return channel_wise_divergence(adapted, target, self.tau)

@@ -121,13 +121,12 @@ class DeFeat(RoILogitsMixin, DistillHead):
             self.teacher_modules += list(self.pairing.teacher_modules)
             self.teacher_parts.add("backbone")
         if self.roi_kd:
-            self._require_roi_logits(student=student, teacher=teacher)
+            self._require_roi_logits(student, teacher)
             self.num_classes = student.roi_heads.num_classes
 
     @classmethod
     def from_config(cls, cfg, context):
         opts = cls.options(cfg, context)
-        _check_options(opts.NECK_KD, opts.ROI_KD, opts.MASK_CONVENTION, opts.POS_TEMPERATURE, opts.NEG_TEMPERATURE)
         return {
             "pairing": feature_pairing_from_config(opts, context, cfg) if opts.NECK_KD else None,
             "roi_kd": opts.ROI_KD,

@@ -89,12 +89,7 @@ class DenseKD(DenseOutputsMixin, DistillHead):
         self.normalizer = normalizer
         self.gamma = focal_gamma
         self.needs_aligned_classes = True
-        self._require_dense_outputs(
-            teacher_input_scale=teacher_input_scale,
-            anchor_labels=self.normalizer == "num_pos",
-            student=student,
-            teacher=teacher,
-        )
+        self._require_dense_outputs(student, teacher, teacher_input_scale, anchor_labels=self.normalizer == "num_pos")
 
     @classmethod
     def from_config(cls, cfg, context):

@@ -8,10 +8,16 @@ models have the same anchor grid and see the same resolution, anchor ``a`` of th
 outputs is the same box in both, so the student's anchor labels index the teacher's outputs::
 
     class MyHead(DenseOutputsMixin, DistillHead):
-        def __init__(self, cfg, context):
-            super().__init__(cfg, context)
-            self._require_dense_outputs(context, cfg.DISTILL.TEACHER.INPUT_SCALE)
-            # or, without a context: self._require_dense_outputs(student=student, teacher=teacher)
+        @configurable
+        def __init__(self, *, student, teacher, teacher_input_scale: float = 1.0):
+            super().__init__()
+            self._require_dense_outputs(student, teacher, teacher_input_scale)
+
+        @classmethod
+        def from_config(cls, cfg, context):
+            return {"student": context.student, "teacher": context.teacher,
+                    "teacher_input_scale": cfg.DISTILL.TEACHER.INPUT_SCALE}
+
         def forward(self, student, teacher, step):
             s_logits, t_logits = self.paired_dense_logits(student, teacher)  # (N, R, K) each, shapes checked
             labels = self.anchor_labels(student)  # (N, R): -1 ignored, 0..K-1 class, K background
@@ -29,7 +35,6 @@ from detectron2.layers import cat
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 
 from ..step import DistillConfigError
-from .base import student_and_teacher
 from .rpn_outputs import check_same_anchors
 
 __all__ = ["DenseOutputsMixin", "is_dense_detector"]
@@ -55,17 +60,13 @@ def _anchor_grid(generator) -> dict:
 class DenseOutputsMixin:
     """Declares the captures of dense-head heads, checks the two dense heads correspond, reads records."""
 
-    def _require_dense_outputs(
-        self, context=None, teacher_input_scale: float = 1.0, anchor_labels: bool = True, *, student=None, teacher=None
-    ):
+    def _require_dense_outputs(self, student, teacher, teacher_input_scale: float = 1.0, anchor_labels: bool = True):
         """
         Check student and teacher are both RetinaNet-style detectors with the same classes,
         levels and anchors, seeing the same resolution; declare the captures: both models'
         ``head`` (and the teacher part ``"dense"``), the student's ``label_anchors`` if
         ``anchor_labels`` (its matching of anchors to ground truth), and both anchor generators.
-        The models: ``student=``, ``teacher=``, or those of a ``BuildContext``.
         """
-        student, teacher = student_and_teacher(context, student, teacher)
         for role, model in (("student", student), ("teacher", teacher)):
             if not is_dense_detector(model):
                 raise DistillConfigError(

@@ -1,17 +1,17 @@
 """FitNets hints on FPN levels (Romero et al., ICLR 2015; docs/methods/fitnet.md)."""
 
 from detectron2.config import CfgNode as CN
-from detectron2.config import configurable
 
 from ..losses import feature_mse
-from ..modeling.feature_pairs import FeaturePairing, add_feature_pairing_config, feature_pairing_from_config
-from .base import DISTILL_HEAD_REGISTRY, DistillHead
+from ..modeling.feature_pairs import add_feature_pairing_config
+from .base import DISTILL_HEAD_REGISTRY
+from .feature_imitation import FeatureImitationHead
 
 __all__ = ["FitNet"]
 
 
 @DISTILL_HEAD_REGISTRY.register()
-class FitNet(DistillHead):
+class FitNet(FeatureImitationHead):
     """
     FitNets hint loss ``L_hint = ||u_T(x) - r(v_S(x))||^2`` (Romero et al. 2015, Eq. 2), with
     a learned regressor ``r`` (1x1 conv adapter) per level, applied jointly with detection
@@ -33,20 +33,5 @@ class FitNet(DistillHead):
         cfg.DISTILL.FITNET.WEIGHT = 1.0
         add_feature_pairing_config(cfg.DISTILL.FITNET)
 
-    @configurable
-    def __init__(self, *, pairing: FeaturePairing, weight: float = 1.0):
-        super().__init__()
-        self.weight = weight
-        self.pairing = pairing
-        self.capture_pairing(self.pairing)
-
-    @classmethod
-    def from_config(cls, cfg, context):
-        opts = cls.options(cfg, context)
-        return {"weight": opts.WEIGHT, "pairing": feature_pairing_from_config(opts, context, cfg)}
-
-    def forward(self, student, teacher, step):
-        return {
-            level: self.weight * feature_mse(adapted, target)
-            for level, adapted, target, _ in self.pairing.pairs(student, teacher)
-        }
+    def level_loss(self, level, adapted, target):
+        return feature_mse(adapted, target)

@@ -52,10 +52,10 @@ class KD(RoILogitsMixin, DistillHead):
     ):
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"DISTILL.KD.TEMPERATURE must be > 0, got {temperature}.")
+            raise DistillConfigError(f"DISTILL.KD.TEMPERATURE must be > 0, got {temperature}.")
         self.weight = weight
         self.temperature = temperature
-        self._require_roi_logits(student=student, teacher=teacher)
+        self._require_roi_logits(student, teacher)
         self._student_class_scores = None
         if classifier_only:
             cls_score = getattr(student.roi_heads.box_predictor, "cls_score", None)

@@ -8,11 +8,12 @@ from detectron2.config import configurable
 from torch import nn
 
 from ..modeling.feature_pairs import (
+    FeaturePairing,
     add_feature_pairing_config,
     feature_pairing_adapting_mismatched_channels,
-    FeaturePairing,
 )
-from .base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
+from .base import DISTILL_HEAD_REGISTRY, DistillConfigError
+from .feature_imitation import FeatureImitationHead
 
 __all__ = ["MGD", "MGDGenerator", "random_spatial_mask", "generation_distance"]
 
@@ -83,7 +84,7 @@ def generation_distance(generated: torch.Tensor, teacher: torch.Tensor) -> torch
 
 
 @DISTILL_HEAD_REGISTRY.register()
-class MGD(DistillHead):
+class MGD(FeatureImitationHead):
     """
     Masked generative distillation of the FPN levels ``IN_FEATURES`` (Yang et al. 2022,
     Sec. 3.2, Eq. 2-5). Per level ``l``: the (aligned) student map is masked at random
@@ -103,12 +104,13 @@ class MGD(DistillHead):
     is drawn per level and step from the global generator of the feature's device.
 
     Explicit construction: ``MGD(pairing=FeaturePairing(student, teacher, ["p2", "p3"],
-    adapter_enabled=False), alpha=5e-7, lam=0.45)``; the generation blocks are sized from
-    the pairing's teacher channels.
+    adapter_enabled=False), alpha=5e-7, lam=0.45)`` (``alpha`` is the head's ``weight``); the
+    generation blocks are sized from the pairing's teacher channels.
     """
 
     # An empty IN_FEATURES means the RoI heads' levels (p2..p5 on an FPN Faster R-CNN).
     LEVEL_SOURCE = "roi"
+    pairing_from_config = staticmethod(feature_pairing_adapting_mismatched_channels)
 
     @classmethod
     def add_config(cls, cfg):
@@ -121,35 +123,22 @@ class MGD(DistillHead):
 
     @configurable
     def __init__(self, *, pairing: FeaturePairing, alpha: float = 5e-7, lam: float = 0.45):
-        super().__init__()
-        _check_lambda(lam)
-        self.alpha = alpha
+        if not 0.0 <= lam <= 1.0:
+            raise DistillConfigError(f"DISTILL.MGD.LAMBDA (the masked fraction) must be in [0, 1], got {lam}.")
+        super().__init__(pairing=pairing, weight=alpha)
         self.lam = lam
-        self.pairing = pairing
         self.generators = nn.ModuleDict(
             {name: MGDGenerator(self.pairing.teacher_channels[name]) for name in self.pairing.names}
         )
-        self.capture_pairing(self.pairing)
 
     @classmethod
-    def from_config(cls, cfg, context):
-        opts = cls.options(cfg, context)
-        _check_lambda(opts.LAMBDA)
-        return {"pairing": feature_pairing_adapting_mismatched_channels(opts, context, cfg), "alpha": opts.ALPHA, "lam": opts.LAMBDA}
+    def loss_options(cls, opts):
+        return {"alpha": opts.ALPHA, "lam": opts.LAMBDA}
 
     def mask(self, feature: torch.Tensor) -> torch.Tensor:
         """The random mask of an aligned ``(N, C, H, W)`` student map, on its device and in its dtype."""
         n, _, h, w = feature.shape
         return random_spatial_mask(n, h, w, self.lam, device=feature.device, dtype=feature.dtype)
 
-    def forward(self, student, teacher, step):
-        terms = {}
-        for level, aligned, target, _ in self.pairing.pairs(student, teacher):
-            generated = self.generators[level](aligned * self.mask(aligned))
-            terms[level] = self.alpha * generation_distance(generated, target)
-        return terms
-
-
-def _check_lambda(lam):
-    if not 0.0 <= lam <= 1.0:
-        raise DistillConfigError(f"DISTILL.MGD.LAMBDA (the masked fraction) must be in [0, 1], got {lam}.")
+    def level_loss(self, level, aligned, target):
+        return generation_distance(self.generators[level](aligned * self.mask(aligned)), target)

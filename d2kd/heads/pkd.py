@@ -6,11 +6,12 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
 from ..modeling.feature_pairs import (
+    FeaturePairing,
     add_feature_pairing_config,
     feature_pairing_adapting_mismatched_channels,
-    FeaturePairing,
 )
-from .base import DISTILL_HEAD_REGISTRY, DistillHead
+from .base import DISTILL_HEAD_REGISTRY
+from .feature_imitation import FeatureImitationHead
 
 __all__ = ["PKD", "standardize_channels", "pearson_imitation_loss"]
 
@@ -60,7 +61,7 @@ def pearson_imitation_loss(student: torch.Tensor, teacher: torch.Tensor, eps: fl
 
 
 @DISTILL_HEAD_REGISTRY.register()
-class PKD(DistillHead):
+class PKD(FeatureImitationHead):
     """
     PKD on the FPN levels ``IN_FEATURES``: one term per level,
     ``WEIGHT * pearson_imitation_loss(S_l, T_l)``, logged as ``loss_kd_pkd_<level>``; levels
@@ -79,6 +80,7 @@ class PKD(DistillHead):
 
     # An empty IN_FEATURES means the RoI heads' levels (p2..p5 on an FPN Faster R-CNN).
     LEVEL_SOURCE = "roi"
+    pairing_from_config = staticmethod(feature_pairing_adapting_mismatched_channels)
 
     @classmethod
     def add_config(cls, cfg):
@@ -90,18 +92,7 @@ class PKD(DistillHead):
 
     @configurable
     def __init__(self, *, pairing: FeaturePairing, weight: float = 6.0):
-        super().__init__()
-        self.weight = weight
-        self.pairing = pairing
-        self.capture_pairing(self.pairing)
+        super().__init__(pairing=pairing, weight=weight)
 
-    @classmethod
-    def from_config(cls, cfg, context):
-        opts = cls.options(cfg, context)
-        return {"pairing": feature_pairing_adapting_mismatched_channels(opts, context, cfg), "weight": opts.WEIGHT}
-
-    def forward(self, student, teacher, step):
-        return {
-            level: self.weight * pearson_imitation_loss(adapted, target)
-            for level, adapted, target, _ in self.pairing.pairs(student, teacher)
-        }
+    def level_loss(self, level, adapted, target):
+        return pearson_imitation_loss(adapted, target)

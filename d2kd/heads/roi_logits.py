@@ -12,7 +12,6 @@ import torch
 from detectron2.structures import Instances
 
 from ..step import DistillConfigError
-from .base import student_and_teacher
 
 __all__ = ["RoILogitsMixin", "check_roi_logits"]
 
@@ -23,10 +22,9 @@ BOX_PREDICTOR = "roi_heads.box_predictor"
 class RoILogitsMixin:
     """Declares the captures of RoI-level heads and reads their records."""
 
-    def _require_roi_logits(self, context=None, *, student=None, teacher=None):
-        """Check both models have RoI box heads with the same classes; declare the captures.
-        The models: ``student=``, ``teacher=``, or those of a ``BuildContext``."""
-        check_roi_logits(self.name, *student_and_teacher(context, student, teacher))
+    def _require_roi_logits(self, student, teacher):
+        """Check both models have RoI box heads with the same classes; declare the captures."""
+        check_roi_logits(self.name, student, teacher)
         self.student_modules.append(BOX_PREDICTOR)
         self.student_methods.append(SAMPLED_PROPOSALS)
         self.teacher_modules.append(BOX_PREDICTOR)

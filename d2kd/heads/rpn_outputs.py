@@ -15,7 +15,6 @@ import torch
 from detectron2.layers import cat
 
 from ..step import DistillConfigError
-from .base import student_and_teacher
 
 __all__ = [
     "RPNOutputsMixin",
@@ -74,10 +73,9 @@ class SampledAnchors:
 class RPNOutputsMixin:
     """Declares the captures of RPN-level heads, checks the two RPNs correspond, reads records."""
 
-    def _require_rpn_outputs(self, context=None, teacher_input_scale: float = 1.0, *, student=None, teacher=None):
-        """Check the two RPNs correspond (anchor by anchor); declare the captures.
-        The models: ``student=``, ``teacher=``, or those of a ``BuildContext``."""
-        check_rpn_outputs(self.name, *student_and_teacher(context, student, teacher), teacher_input_scale)
+    def _require_rpn_outputs(self, student, teacher, teacher_input_scale: float = 1.0):
+        """Check the two RPNs correspond (anchor by anchor); declare the captures."""
+        check_rpn_outputs(self.name, student, teacher, teacher_input_scale)
         self.student_modules.append(RPN_HEAD)
         self.student_methods.append(SAMPLED_ANCHORS)
         self.teacher_modules.append(RPN_HEAD)

@@ -362,6 +362,7 @@ def test_a_teacher_trained_on_the_validation_images_is_refused_for_tuning(accura
 # ----------------------------------------------------------------------------- quick runs
 
 
+@pytest.mark.train
 def test_accuracy_quick_runs_resumes_and_refuses_mixed_schedules(accuracy, tmp_path, results_dir_untouched):
     assert accuracy.main(["--quick", "--output-dir", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "bccd_accuracy_quick.json").read_text())

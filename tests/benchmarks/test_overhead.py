@@ -10,6 +10,7 @@ from d2kd.config import load_config
 from study import overhead_steps
 
 
+@pytest.mark.train
 def test_overhead_quick(tmp_path, results_dir_untouched, load_script):
     overhead = load_script("overhead")
     assert overhead.main(["--quick", "--output-dir", str(tmp_path)]) == 0
@@ -31,6 +32,7 @@ def test_overhead_quick(tmp_path, results_dir_untouched, load_script):
     assert row["step_precision"] == "fp32" and data["amp_speedup"] == []
 
 
+@pytest.mark.train
 def test_overhead_step_precision_reports_the_amp_speedup(tmp_path, results_dir_untouched, load_script):
     """--step-precision fp32 bf16: one row per precision (AMP rows run the step under CPU bf16 autocast), and
     the whole-step speed-up is the fp32 row's median time over the AMP row's."""

@@ -3,6 +3,7 @@
 import pytest
 
 
+@pytest.mark.train
 def test_profile_overhead_excess_per_operator_and_quick_run(capsys, load_script):
     profile = load_script("profile_overhead")
     from collections import Counter

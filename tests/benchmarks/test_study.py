@@ -169,9 +169,9 @@ def _flat(cfg, prefix=""):
 
 
 def test_validation_tuning_configs_change_only_their_setting():
-    """configs/bccd/val_tuning: each variant is its preset with only the named settings changed (cwd and kd
-    are the presets themselves; cwd_kd adds the kd head at kd's preset values, cwd_rpn the chen2017 head's RPN
-    terms at the chen2017 preset's values; chen2017_no_hint and chen2017_hints split the chen2017
+    """benchmarks/configs/bccd/val_tuning: each variant is its preset with only the named settings changed
+    (cwd and kd are the presets themselves; cwd_kd adds the kd head at kd's preset values, cwd_rpn the chen2017
+    head's RPN terms at the chen2017 preset's values; chen2017_no_hint and chen2017_hints split the chen2017
     preset into its output terms and its hints; chen2017_no_hint_mu0 and _nu1 double its soft labels or its
     bounded regression), and all belong to the Faster
     R-CNN R50 -> R18 study."""
@@ -210,7 +210,7 @@ def test_validation_tuning_configs_change_only_their_setting():
         "kd_t4": ("distill_kd_R50_R18.yaml", {"DISTILL.KD.TEMPERATURE": 4.0}),
         "kd_w10_cls_only": ("distill_kd_R50_R18.yaml", {"DISTILL.KD.WEIGHT": 10.0, "DISTILL.KD.CLASSIFIER_ONLY": True}),
     }
-    found = discover_methods(*split_method_pattern("configs/bccd/val_tuning/{method}.yaml"))
+    found = discover_methods(*split_method_pattern("benchmarks/configs/bccd/val_tuning/{method}.yaml"))
     assert sorted(found) == sorted(expected)
     kept, skipped = study_methods(found, "configs/bccd/student_R18_FPN.yaml", "configs/bccd/teacher_R50_FPN.yaml")
     assert sorted(kept) == sorted(expected) and not skipped
@@ -230,8 +230,8 @@ def test_validation_tuning_configs_change_only_their_setting():
 
 
 def test_loss_balance_target_configs_change_only_the_balance():
-    """configs/bccd/loss_balance: the kd and cwd presets with DISTILL.LOSS_BALANCE initial at the two
-    targets the validation study compares (0.5, 1.0), each trained with the paper weights while measuring
+    """benchmarks/configs/bccd/loss_balance: the kd and cwd presets with DISTILL.LOSS_BALANCE initial at the
+    two targets the validation study compares (0.5, 1.0), each trained with the paper weights while measuring
     (MEASURE_MULTIPLIER 1, as the first grid runs ran) and measured only (0), nothing else changed, in the
     R50 -> R18 study."""
     targets = {"05": 0.5, "1": 1.0}
@@ -239,7 +239,7 @@ def test_loss_balance_target_configs_change_only_the_balance():
     expected = {
         f"{m}_bal{k}{suffix}": (m, t, w) for m in ("kd", "cwd") for k, t in targets.items() for suffix, w in measuring.items()
     }
-    found = discover_methods(*split_method_pattern("configs/bccd/loss_balance/{method}.yaml"))
+    found = discover_methods(*split_method_pattern("benchmarks/configs/bccd/loss_balance/{method}.yaml"))
     assert sorted(found) == sorted(expected)
     kept, skipped = study_methods(found, "configs/bccd/student_R18_FPN.yaml", "configs/bccd/teacher_R50_FPN.yaml")
     assert sorted(kept) == sorted(expected) and not skipped
@@ -257,11 +257,11 @@ def test_loss_balance_target_configs_change_only_the_balance():
 
 
 def test_balanced_configs_are_every_faster_rcnn_preset_with_the_balance_on():
-    """configs/bccd/balanced: one `<method>_balanced` per head's Faster R-CNN R50 -> R18 preset (the variants
-    fbkd_paper, fgd_inherit, gkd_released_code and inherit aside), each its preset with
+    """benchmarks/configs/bccd/balanced: one `<method>_balanced` per head's Faster R-CNN R50 -> R18 preset (the
+    variants fbkd_paper, fgd_inherit, gkd_released_code and inherit aside), each its preset with
     DISTILL.LOSS_BALANCE.MODE initial at the default TARGET and nothing else changed."""
     methods = ["chen2017", "cwd", "defeat", "fbkd", "fgd", "fgfi", "fitnet", "gkd", "hgd", "kd", "pkd", "mgd"]
-    found = discover_methods(*split_method_pattern("configs/bccd/balanced/{method}.yaml"))
+    found = discover_methods(*split_method_pattern("benchmarks/configs/bccd/balanced/{method}.yaml"))
     assert sorted(found) == sorted(f"{m}_balanced" for m in methods)
     kept, skipped = study_methods(found, "configs/bccd/student_R18_FPN.yaml", "configs/bccd/teacher_R50_FPN.yaml")
     assert not skipped

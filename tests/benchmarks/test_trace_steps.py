@@ -35,6 +35,7 @@ def test_group_statistics_by_hand(trace_steps):
     assert set(trace_steps.group_statistics(model.named_parameters(), depth=2)) == {"body.a", "body.b", "head.weight", "head.bias"}
 
 
+@pytest.mark.train
 def test_trace_steps_records_each_step_and_stops_at_divergence(tmp_path, teacher_r18_weights, monkeypatch,
                                                              trace_steps):
     cfg = distill_cfg("bccd/distill_fitnet_R50_R18.yaml", str(tmp_path / "run"), teacher_r18_weights, max_iter=10)

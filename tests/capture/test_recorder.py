@@ -98,14 +98,14 @@ def test_missing_hook_target_names_nearby_modules(tmp_path, teacher_r18_weights)
 class _BadTargetHead(DistillHead):
     """Not registered: reads a student module that does not exist."""
 
-    def __init__(self, cfg, context):
-        super().__init__(cfg, context)
+    def __init__(self):
+        super().__init__()
         self.student_modules = ["roi_heads.box_predictorr"]
 
 
 def test_capture_target_that_does_not_exist_names_nearby_modules(tmp_path):
     cfg = load_test_cfg("bccd/student_R18_FPN.yaml", tmp_path)
     student, teacher = build_model(cfg), build_model(cfg)
-    head = _BadTargetHead(cfg, None)
+    head = _BadTargetHead()
     with pytest.raises(CaptureTargetError, match=r"student has no module named 'roi_heads.box_predictorr'.*roi_heads.box_predictor"):
         DistillationModel(student, teacher, torch.nn.ModuleDict({"bad": head}), DistillSchedule())

@@ -10,7 +10,11 @@ from d2kd.config import ConfigOptionError, load_config, resolve_config_file
 from d2kd.modeling.teacher import build_teacher_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHIPPED = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+# The presets (configs/) and the study's variants of them (benchmarks/configs/).
+SHIPPED = sorted(
+    glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+    + glob.glob(os.path.join(REPO, "benchmarks", "configs", "**", "*.yaml"), recursive=True)
+)
 
 
 def _write(path, content):
@@ -105,3 +109,28 @@ def test_shipped_configs_load_from_any_working_directory(path, tmp_path, monkeyp
     if cfg.DISTILL.TEACHER.CONFIG_FILE:
         teacher_cfg = build_teacher_cfg(cfg)
         assert teacher_cfg.MODEL.META_ARCHITECTURE
+
+
+def test_an_odd_length_option_list_names_the_key_and_the_list():
+    from d2kd.config import ConfigOptionError, load_config
+
+    with pytest.raises(ConfigOptionError, match=r"DISTILL\.TEACHER\.OPTS must be a list of KEY VALUE pairs, but it has 3 entries: \['INPUT\.MIN_SIZE_TEST', 96, 'SEED'\]"):
+        load_config("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", ["INPUT.MIN_SIZE_TEST", 96, "SEED"], opts_name="DISTILL.TEACHER.OPTS")
+    with pytest.raises(ConfigOptionError, match=r"the command-line options must be a list of KEY VALUE pairs.*\['SOLVER\.MAX_ITER'\]"):
+        load_config("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", ["SOLVER.MAX_ITER"])
+
+
+def test_an_odd_length_teacher_opts_is_named_when_the_teacher_config_is_built(tmp_path):
+    from d2kd import get_distill_cfg
+    from d2kd.config import ConfigOptionError
+    from d2kd.modeling.teacher import build_teacher_cfg
+
+    cfg = get_distill_cfg()
+    cfg.DISTILL.HEADS = ["fitnet"]
+    cfg.DISTILL.TEACHER.CONFIG_FILE = "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"
+    cfg.DISTILL.TEACHER.OPTS = ["INPUT.MIN_SIZE_TEST", 96, "MODEL.RPN.PRE_NMS_TOPK_TEST"]
+    with pytest.raises(ConfigOptionError, match=r"DISTILL\.TEACHER\.OPTS must be a list of KEY VALUE pairs, but it has 3 entries"):
+        build_teacher_cfg(cfg)
+    cfg.DISTILL.TEACHER.CONFIG_FILE = "new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py"  # a LazyConfig teacher: the same check
+    with pytest.raises(ConfigOptionError, match=r"DISTILL\.TEACHER\.OPTS must be a list of KEY VALUE pairs"):
+        build_teacher_cfg(cfg)

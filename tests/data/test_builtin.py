@@ -74,8 +74,50 @@ def test_coco_dataset_registration_and_broken_image(tmp_path):
         mapper(copy.deepcopy(dicts[1]))
 
 
+def test_a_coco_annotation_with_an_unknown_category_names_file_annotation_and_category(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(jpeg_bytes())
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}],
+        "annotations": [
+            {"id": 11, "image_id": 1, "category_id": 1, "bbox": [10, 5, 20, 10], "area": 200, "iscrowd": 0},
+            {"id": 12, "image_id": 1, "category_id": 7, "bbox": [1, 5, 20, 10], "area": 200, "iscrowd": 0},
+        ],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+    }
+    json_file = tmp_path / "bad_category.json"
+    json_file.write_text(json.dumps(coco))
+    register_coco_dataset("test_coco_bad_category", str(json_file), str(images))
+    try:
+        with pytest.raises(
+            DatasetFormatError, match=r"bad_category\.json: annotation id 12 \(image id 1\) has category_id 7.*ids \[1, 2\]"
+        ):
+            DatasetCatalog.get("test_coco_bad_category")
+    finally:
+        DatasetCatalog.remove("test_coco_bad_category")
+        MetadataCatalog.remove("test_coco_bad_category")
+
+
 def test_datasets_root_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("D2KD_DATASETS", str(tmp_path))
     assert datasets_root() == str(tmp_path)
     monkeypatch.delenv("D2KD_DATASETS")
     assert os.path.isdir(os.path.join(datasets_root(), "bccd"))
+
+
+def test_the_decode_check_lists_every_truncated_image(tmp_path):
+    from d2kd.data.mapper import check_image_file, check_images_decode, find_unreadable_images
+
+    good, cut_a, cut_b = (tmp_path / n for n in ("good.jpg", "cut_a.jpg", "cut_b.jpg"))
+    good.write_bytes(jpeg_bytes())
+    cut_a.write_bytes(jpeg_bytes(seed=1)[:300])
+    cut_b.write_bytes(jpeg_bytes(seed=2)[:400])
+    assert check_image_file(str(cut_a)) == "JPEG"  # the header check lets them through
+    dicts = [{"file_name": str(p)} for p in (good, cut_a, good, cut_b)]
+    bad = find_unreadable_images(dicts, progress=False)
+    assert [f for f, _ in bad] == [str(cut_a), str(cut_b)]
+    assert all("truncated" in e or "broken" in e or "Error" in e for _, e in bad), bad
+    with pytest.raises(DatasetFormatError, match=r"(?s)2 of 4 training images cannot be decoded.*cut_a\.jpg.*cut_b\.jpg"):
+        check_images_decode(dicts, progress=False)
+    check_images_decode([{"file_name": str(good)}], progress=False)  # a readable dataset passes

@@ -39,16 +39,9 @@ def make_voc(root, image_id, boxes, filename=None, size=(640, 480), image_format
 
 
 @pytest.fixture
-def voc_warnings(caplog):
-    """Warnings of the VOC loader (its logger may not propagate once a run set up d2kd's logging)."""
-    logger = logging.getLogger("d2kd.data.voc")
-    propagates = all(node.propagate for node in (logger, logging.getLogger("d2kd")))
-    if not propagates:
-        logger.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING, logger="d2kd.data.voc")
-    yield caplog
-    if not propagates:
-        logger.removeHandler(caplog.handler)
+def voc_warnings(d2kd_logs):
+    """Warnings of the VOC loader."""
+    return d2kd_logs("d2kd.data.voc", logging.WARNING)
 
 
 def test_png_image_named_by_filename(tmp_path):

@@ -63,6 +63,7 @@ def r18_export(r18_run):
     return export_tool.main([str(r18_run), "--runs", "1"])
 
 
+@pytest.mark.train
 def test_export_writes_the_student_only_checkpoint_and_config(r18_run, r18_export):
     export = r18_run / "export"
     assert {"model_final.pth", "student_config.yaml", "model.ts"} <= set(os.listdir(export))
@@ -74,6 +75,7 @@ def test_export_writes_the_student_only_checkpoint_and_config(r18_run, r18_expor
     assert r18_export.sample_image.endswith(".jpg") and "bccd" in r18_export.sample_image
 
 
+@pytest.mark.train
 def test_plain_default_predictor_runs_the_exported_student(r18_run, r18_export):
     cfg = get_cfg()  # plain Detectron2, no set_new_allowed
     cfg.merge_from_file(str(r18_run / "export" / "student_config.yaml"))
@@ -88,6 +90,7 @@ def test_plain_default_predictor_runs_the_exported_student(r18_run, r18_export):
     assert {"pred_boxes", "scores", "pred_classes"} <= set(out.get_fields())
 
 
+@pytest.mark.train
 def test_plain_detectron2_without_d2kd_runs_the_export(r18_run, r18_export):
     """A fresh interpreter importing only Detectron2 (as a deployment would)."""
     script = (
@@ -110,6 +113,7 @@ def test_plain_detectron2_without_d2kd_runs_the_export(r18_run, r18_export):
     assert {"pred_boxes", "scores", "pred_classes"} <= set(result["fields"])
 
 
+@pytest.mark.train
 def test_torchscript_reproduces_the_student(r18_run, r18_export):
     diff = r18_export.max_diff
     assert diff["boxes"] <= 1e-4 and diff["scores"] <= 1e-4 and diff["raw"] <= 1e-4
@@ -133,6 +137,7 @@ def test_torchscript_reproduces_the_student(r18_run, r18_export):
         assert torch.allclose(actual.scores, expected.scores, atol=1e-4)
 
 
+@pytest.mark.train
 def test_deploy_card(r18_export, capsys):
     card = r18_export.card
     assert card["ap"]["AP"] == 12.5 and card["classes"] == ["RBC", "WBC", "Platelets"]
@@ -143,6 +148,7 @@ def test_deploy_card(r18_export, capsys):
     assert "12.50" in text and "GFLOPs" in text and "ms / image" in text and "parameters" in text
 
 
+@pytest.mark.train
 def test_onnx_is_written_or_skipped_with_a_message(r18_run, tmp_path):
     result = export_student(str(r18_run), str(tmp_path / "onnx"), fmt="onnx", runs=1)
     if importlib.util.find_spec("onnx") is None:

@@ -62,6 +62,7 @@ def amp_cfg(config, output_dir, amp_teachers, opts=()):
     return smaller(cfg)
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("config", bccd_presets(), ids=lambda c: os.path.basename(c)[len("distill_"):-len(".yaml")])
 def test_every_bccd_preset_trains_two_iterations_with_cpu_amp(tmp_path, amp_teachers, config):
     """Two steps under CPU bf16 autocast, late enough that heads' own warm-ups are over: finite terms."""
@@ -101,6 +102,7 @@ def test_step_trainer_choice():
     assert parse_precision("fp16") == torch.float16 and parse_precision("BFloat16") == torch.bfloat16
 
 
+@pytest.mark.train
 def test_cpu_amp_step_runs_the_forward_in_bf16_and_keeps_fp32_parameters(tmp_path, amp_teachers):
     """The student's convolutions see bf16 autocast; parameters and their gradients stay fp32."""
     cfg = amp_cfg("bccd/distill_fitnet_R50_R18.yaml", tmp_path, amp_teachers)
@@ -158,6 +160,7 @@ def test_teacher_precision_runs_the_teacher_reduced_and_hands_fp32_records(tmp_p
         assert math.isfinite(reduced[k]) and reduced[k] == pytest.approx(v, rel=5e-2), (k, v, reduced[k])
 
 
+@pytest.mark.train
 def test_teacher_precision_option_is_checked_and_trains(tmp_path, amp_teachers):
     """A bad value fails at build naming the option; a bf16 teacher trains without AMP."""
     with pytest.raises(ValueError, match="DISTILL.TEACHER.PRECISION"):
@@ -186,6 +189,7 @@ def test_cast_floating_reaches_nested_records():
     assert out["b"][0].objectness_logits.dtype == torch.float32 and out["b"][0].gt_classes.dtype == torch.long
 
 
+@pytest.mark.train
 def test_overhead_benchmark_measures_a_bf16_teacher(tmp_path, results_dir_untouched, load_script):
     """benchmarks/overhead.py --teacher-precision: one row per precision, the teacher run as asked."""
     import json

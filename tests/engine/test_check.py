@@ -11,6 +11,7 @@ from d2kd.heads.fitnet import FitNet
 from conftest import FITNET, cli_args, distill_cfg, train_net
 
 
+@pytest.mark.train
 def test_check_prints_captures_adapters_losses_and_teacher_ap(tmp_path, teacher_r18_weights, capsys, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the check's own folder goes
     out = tmp_path / "run"
@@ -37,6 +38,7 @@ def test_check_prints_captures_adapters_losses_and_teacher_ap(tmp_path, teacher_
     assert "CHECK PASSED" in text
 
 
+@pytest.mark.train
 def test_check_fails_on_a_non_finite_term(tmp_path, teacher_r18_weights, monkeypatch, capsys):
     def nan_forward(self, student, teacher, step):
         return {"p2": torch.tensor(float("nan"), requires_grad=True)}

@@ -13,6 +13,30 @@ from d2kd.engine.checkpoint import SafeCheckpointer
 from conftest import FITNET, distill_cfg, smaller
 
 
+def test_a_full_disk_names_the_intact_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import d2kd.engine.checkpoint as checkpoint_module
+    from d2kd.engine.checkpoint import CheckpointWriteError
+
+    checkpointer = SafeCheckpointer(nn.Linear(3, 2), str(tmp_path))
+    checkpointer.save("model_0000000")
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"PARTIAL")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError) as raised:
+        checkpointer.save("model_0000001")
+    message = str(raised.value)
+    assert message.startswith(f"Could not write the checkpoint {tmp_path / 'model_0000001.pth'} (No space left on device).")
+    assert f"the previous checkpoint {tmp_path / 'model_0000000.pth'} is intact" in message
+    assert "last_checkpoint still names it" in message and "--resume" in message
+    assert isinstance(raised.value, OSError)  # still an OSError for callers that catch those
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000000.pth"]
+
+
 def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model = nn.Linear(3, 2)
     checkpointer = SafeCheckpointer(model, str(tmp_path))
@@ -50,6 +74,7 @@ class _Counter(HookBase):
         self.head.robust_probe += 1.0
 
 
+@pytest.mark.train
 def test_resume_restores_optimizer_scheduler_iteration_and_head_state(tmp_path, teacher_r18_weights):
     cfg = smaller(distill_cfg(FITNET, tmp_path, teacher_r18_weights, max_iter=2))
     cfg.SOLVER.STEPS, cfg.SOLVER.GAMMA = (1,), 0.5  # an LR decay inside the first run

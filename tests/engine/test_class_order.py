@@ -22,15 +22,8 @@ def _cfgs(student_dataset, teacher_dataset):
 
 
 @pytest.fixture
-def preflight_warnings(caplog):
-    logger = logging.getLogger("d2kd.engine.preflight")
-    propagates = all(node.propagate for node in (logger, logging.getLogger("d2kd")))
-    if not propagates:
-        logger.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING, logger="d2kd.engine.preflight")
-    yield caplog
-    if not propagates:
-        logger.removeHandler(caplog.handler)
+def preflight_warnings(d2kd_logs):
+    return d2kd_logs("d2kd.engine.preflight", logging.WARNING)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -4,11 +4,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO
 
 
+@pytest.mark.train
 def test_two_process_run_keeps_ranks_in_sync(tmp_path, teacher_r18_weights):
     worker = os.path.join(REPO, "tests", "engine", "ddp_worker.py")
     result = subprocess.run(

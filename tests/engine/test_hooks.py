@@ -28,6 +28,7 @@ def test_check_finite_losses_names_the_terms():
     assert "DISTILL.FITNET.WEIGHT" in text and "DISTILL.FGD.WEIGHT" in text
 
 
+@pytest.mark.train
 def test_nan_term_stops_training_and_keeps_last_good_checkpoint(tmp_path, teacher_r18_weights):
     cfg = smaller(distill_cfg(FITNET, tmp_path, teacher_r18_weights, max_iter=3))
     cfg.SOLVER.CHECKPOINT_PERIOD = 1

@@ -90,6 +90,7 @@ def test_single_process_launch_returns_to_its_caller():
     assert calls == ["ran here"]
 
 
+@pytest.mark.train
 def test_check_launch_exit_tool_runs_two_processes(tmp_path):
     tool = Path(__file__).resolve().parents[2] / "tools" / "check_launch_exit.py"
     proc = subprocess.run(
@@ -98,3 +99,43 @@ def test_check_launch_exit_tool_runs_two_processes(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "d2kd launch, 2 processes: 0 of 1 launches failed" in proc.stdout
+
+
+def test_a_single_machine_run_without_a_url_takes_a_free_port():
+    from d2kd.engine.launch import default_dist_url, resolve_dist_url
+
+    assert default_dist_url().startswith("tcp://127.0.0.1:")
+    assert resolve_dist_url(default_dist_url(), num_machines=1) == "auto"
+    assert resolve_dist_url(None, num_machines=1) == "auto"
+    assert resolve_dist_url("tcp://127.0.0.1:12345", num_machines=1) == "tcp://127.0.0.1:12345"
+    assert resolve_dist_url(default_dist_url(), num_machines=2) == default_dist_url()
+
+
+def _listening_socket():
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    return sock
+
+
+@pytest.mark.train
+def test_two_runs_on_the_default_port_do_not_collide(monkeypatch):
+    """The default port is taken (another run of this user): the launch goes on a free port."""
+    import importlib
+
+    d2kd_launch = importlib.import_module("d2kd.engine.launch")  # d2kd.engine.launch is also the function
+
+    with _listening_socket() as taken:
+        url = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        monkeypatch.setattr(d2kd_launch, "default_dist_url", lambda: url)
+        launch(print, 2, args=("worker ran",), dist_url=url)  # raised "address already in use" before
+
+
+@pytest.mark.train
+def test_a_given_url_in_use_names_dist_url():
+    with _listening_socket() as taken:
+        url = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(RuntimeError, match=r"127\.0\.0\.1:\d+ is in use.*--dist-url"):
+            launch(print, 2, args=("worker ran",), dist_url=url)

@@ -17,6 +17,7 @@ def _cfg(tmp_path, teacher_r18_weights, max_iter=4, opts=()):
                        opts=BALANCE + ["SOLVER.CHECKPOINT_PERIOD", 2] + list(opts), max_iter=max_iter)
 
 
+@pytest.mark.train
 def test_multipliers_are_fixed_logged_applied_and_checkpointed(tmp_path, teacher_r18_weights):
     trainer = train(_cfg(tmp_path / "straight", teacher_r18_weights))
     balance = trainer.loss_balance
@@ -39,6 +40,7 @@ def test_multipliers_are_fixed_logged_applied_and_checkpointed(tmp_path, teacher
     assert resumed.loss_balance.multiplier("fitnet") == pytest.approx(first.loss_balance.multiplier("fitnet"))
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("measure_multiplier", [0.0, 1.0])
 def test_while_measuring_the_terms_are_multiplied_by_measure_multiplier(tmp_path, teacher_r18_weights, measure_multiplier):
     """One iteration of a 2-iteration measurement: fitnet's logged term is 0 (measured, not trained on) or its paper value."""
@@ -53,6 +55,7 @@ def test_while_measuring_the_terms_are_multiplied_by_measure_multiplier(tmp_path
     assert logged == pytest.approx(measure_multiplier * measured, rel=1e-5)
 
 
+@pytest.mark.train
 def test_check_shows_the_multipliers(tmp_path, teacher_r18_weights):
     cfg = _cfg(tmp_path, teacher_r18_weights)
     report = run_check(cfg, num_images=0)
@@ -62,6 +65,7 @@ def test_check_shows_the_multipliers(tmp_path, teacher_r18_weights):
     assert report.loss_balance == pytest.approx({"fitnet": 0.5 * detector / fitnet})
 
 
+@pytest.mark.train
 def test_a_head_in_its_own_warm_up_is_not_measured(tmp_path, teacher_r18_weights):
     """FGFI's terms are 0 for its first WARMUP_ITERS iterations: the measurement starts after them (at 2,
     fixed at 3), from FGFI's real terms, not from zeros (which would leave the paper weight, 1)."""

@@ -1,5 +1,6 @@
 """Bad input fails before the first iteration with the problem and the fix: classes, keys, datasets, OUTPUT_DIR."""
 
+import logging
 import os
 
 import pytest
@@ -7,8 +8,9 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from d2kd import DistillTrainer, register_voc_dataset
+from d2kd.config import ConfigOptionError
 from d2kd.data import DatasetFormatError
-from d2kd.engine.preflight import ConfigOptionError, OutputDirError, check_class_alignment
+from d2kd.engine.preflight import OutputDirError, check_class_alignment
 from d2kd.heads import DistillConfigError
 
 from conftest import (
@@ -131,6 +133,7 @@ def test_unregistered_dataset(tmp_path, teacher_r18_weights):
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.train
 def test_previous_run_is_not_overwritten_silently(tmp_path, teacher_r18_weights):
     out = tmp_path / "run"
     out.mkdir()
@@ -200,3 +203,34 @@ def test_dataset_without_usable_boxes(tmp_path):
     cfg = tiny_train_cfg(tmp_path, "test_boxless_voc", opts=["DATALOADER.FILTER_EMPTY_ANNOTATIONS", False])
     batch = next(iter(DistillTrainer.build_train_loader(cfg)))
     assert len(batch) == 1 and len(batch[0]["instances"]) == 0
+
+
+def test_an_option_of_a_head_not_in_heads_is_named_in_a_warning(d2kd_logs):
+    from d2kd import get_distill_cfg
+    from d2kd.engine.preflight import unused_head_options, warn_unused_head_options
+
+    cfg = get_distill_cfg()
+    cfg.DISTILL.HEADS = ["fitnet"]
+    assert unused_head_options(cfg) == []
+    cfg.DISTILL.KD.TEMPERATURE = 4.0
+    cfg.DISTILL.FITNET.WEIGHT = 2.0  # its head is listed: not named
+    assert unused_head_options(cfg) == ["DISTILL.KD.TEMPERATURE = 4.0 (default 1.0)"]
+    logs = d2kd_logs("d2kd.engine.preflight", logging.WARNING)
+    warn_unused_head_options(cfg)
+    messages = [r.getMessage() for r in logs.records if r.levelno == logging.WARNING]
+    assert len(messages) == 1
+    assert "DISTILL.KD.TEMPERATURE = 4.0 (default 1.0)" in messages[0] and "['fitnet']" in messages[0]
+    cfg.DISTILL.HEADS = ["fitnet", "KD"]  # head names are case-insensitive
+    assert unused_head_options(cfg) == []
+
+
+def test_an_output_dir_that_cannot_be_written_is_named_with_the_fix(tmp_path):
+    from d2kd.engine.preflight import check_output_dir_writable
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = str(blocker / "run")  # a folder below a file cannot be created, even by root
+    with pytest.raises(OutputDirError, match=rf"OUTPUT_DIR {out} cannot be written \(Not a directory\).*Set OUTPUT_DIR to a folder you can write"):
+        check_output_dir_writable(out)
+    check_output_dir_writable(str(tmp_path / "new" / "run"))  # created, and left empty
+    assert os.listdir(tmp_path / "new" / "run") == []

@@ -7,6 +7,7 @@ from conftest import distill_cfg, train
 from d2kd.data.sampler import PositionedIndex, ResumedTrainingSampler, sample_seed
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("workers", [1, 2])
 def test_resume_with_data_workers_equals_straight_run(tmp_path, teacher_r18_weights, workers):
     opts = ["INPUT.RANDOM_FLIP", "horizontal", "SOLVER.CHECKPOINT_PERIOD", 2, "SEED", 7,

@@ -7,6 +7,7 @@ named with their config key; --overwrite sets the whole previous run aside.
 import glob
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -71,6 +72,7 @@ def test_checkpointer_refuses_to_save_nonfinite_parameters_or_optimizer_state(tm
     assert _last_checkpoint(tmp_path) == "model_0000000.pth"
 
 
+@pytest.mark.train
 def test_divergent_run_stops_with_one_message_and_resumes_from_a_finite_checkpoint(tmp_path, teacher_r18_weights):
     """SOLVER.BASE_LR 1000: the detector's own FloatingPointError (or a non-finite loss or gradient)."""
     cfg = smaller(distill_cfg(FITNET, tmp_path, teacher_r18_weights, max_iter=8))
@@ -93,6 +95,7 @@ def test_divergent_run_stops_with_one_message_and_resumes_from_a_finite_checkpoi
         assert torch.equal(v, saved["model"][k]), k
 
 
+@pytest.mark.train
 def test_nonfinite_gradient_stops_before_the_update(tmp_path, teacher_r18_weights):
     cfg = smaller(distill_cfg(FITNET, tmp_path, teacher_r18_weights, max_iter=3))
     cfg.SOLVER.CHECKPOINT_PERIOD = 1
@@ -139,20 +142,17 @@ def test_eval_only_refuses_weights_that_do_not_fit_the_student(tmp_path, teacher
 # ---------------------------------------------------------------------------------------
 
 
-def test_resume_into_a_folder_without_checkpoint_warns_naming_it(tmp_path, caplog):
+def test_resume_into_a_folder_without_checkpoint_warns_naming_it(tmp_path, d2kd_logs):
     cfg = load_test_cfg(PLAIN, tmp_path / "typo")
     trainer = DistillTrainer(cfg)
-    logger = logging.getLogger("d2kd.engine.trainer")
-    logger.addHandler(caplog.handler)  # d2kd's logger may not propagate to the root (train_net's setup)
-    try:
-        trainer.resume_or_load(resume=True)
-    finally:
-        logger.removeHandler(caplog.handler)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    logs = d2kd_logs("d2kd.engine.trainer", logging.WARNING)
+    trainer.resume_or_load(resume=True)
+    warnings = [r.getMessage() for r in logs.records if r.levelno == logging.WARNING]
     assert any(str(tmp_path / "typo") in m and "no checkpoint" in m and "NEW run" in m for m in warnings), warnings
     assert trainer.start_iter == 0
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("first, then", [("fitnet", "plain"), ("plain", "fitnet")])
 def test_resume_with_other_heads_names_the_difference(tmp_path, teacher_r18_weights, first, then):
     def config(kind):
@@ -164,6 +164,22 @@ def test_resume_with_other_heads_names_the_difference(tmp_path, teacher_r18_weig
     trainer = DistillTrainer(config(then))
     side = "only in the checkpoint" if first == "fitnet" else "only in the config"
     with pytest.raises(ResumeMismatchError, match=rf"model_final\.pth.*DISTILL\.HEADS.*{side}: \['fitnet'\]"):
+        trainer.resume_or_load(resume=True)
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("first, then", [(["p2", "p3"], ["p2", "p3", "p4"]), (["p2", "p3", "p4"], ["p2", "p3"])])
+def test_resume_with_other_head_options_names_the_option(tmp_path, teacher_r18_weights, first, then):
+    def config(levels):
+        return smaller(distill_cfg(FITNET, tmp_path, teacher_r18_weights, opts=["DISTILL.FITNET.IN_FEATURES", levels], max_iter=1))
+
+    train(config(first))
+    trainer = DistillTrainer(config(then))
+    with pytest.raises(
+        ResumeMismatchError,
+        match=rf"model_final\.pth: the run's heads \['fitnet'\] were trained with other head options: "
+        rf"DISTILL\.FITNET\.IN_FEATURES was {re.escape(repr(first))} in the run, is {re.escape(repr(then))} now",
+    ):
         trainer.resume_or_load(resume=True)
 
 
@@ -196,6 +212,7 @@ def test_damaged_model_weights_name_the_file_and_the_key(tmp_path, teacher_r18_w
         load_student(cfg, broken)
 
 
+@pytest.mark.train
 def test_resume_from_a_damaged_checkpoint_points_to_the_previous_intact_one(tmp_path):
     cfg = load_test_cfg(PLAIN, tmp_path, max_iter=2)
     cfg.SOLVER.CHECKPOINT_PERIOD = 1

@@ -15,6 +15,7 @@ from d2kd.data.subset import register_subset_dataset
 from conftest import FITNET, cli_args, distill_cfg, load_test_cfg, smaller, train, train_net
 
 
+@pytest.mark.train
 def test_teacher_frozen_in_eval_and_outside_the_student(tmp_path, teacher_r18_weights):
     cfg = distill_cfg("bccd/distill_fitnet_R50_R18.yaml", tmp_path, teacher_r18_weights, opts=["DISTILL.HEADS", ["fitnet", "kd"]])
     trainer = DistillTrainer(cfg)
@@ -49,6 +50,7 @@ class _ModeProbe(HookBase):
         self.modes.append(self.teacher.training)
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("heads,teacher_first", [(["fitnet"], True), (["kd"], False)])
 def test_teacher_runs_first_unless_it_reads_the_student_proposals(tmp_path, teacher_r18_weights, heads, teacher_first):
     """Feature-only teachers run before the student (lower peak memory); RoI teachers after it."""
@@ -71,6 +73,7 @@ def test_teacher_runs_first_unless_it_reads_the_student_proposals(tmp_path, teac
     assert order == (["teacher", "student"] if teacher_first else ["student", "teacher"])
 
 
+@pytest.mark.train
 def test_final_checkpoint_loads_into_plain_detectron2(tmp_path, teacher_r18_weights):
     cfg = distill_cfg("bccd/distill_fitnet_R50_R18.yaml", tmp_path, teacher_r18_weights)
     trainer = train(cfg)
@@ -91,6 +94,7 @@ def test_final_checkpoint_loads_into_plain_detectron2(tmp_path, teacher_r18_weig
     assert set(saved["distiller"]) == set(trainer.heads.state_dict()), "adapters are saved beside the student"
 
 
+@pytest.mark.train
 def test_resume_equals_straight_run(tmp_path, teacher_r18_weights):
     opts = ["INPUT.RANDOM_FLIP", "none", "SOLVER.CHECKPOINT_PERIOD", 2, "SEED", 7]
     straight_cfg = distill_cfg("bccd/distill_fitnet_R50_R18.yaml", tmp_path / "straight", teacher_r18_weights, opts=opts, max_iter=4)
@@ -112,6 +116,7 @@ def test_resume_equals_straight_run(tmp_path, teacher_r18_weights):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
 
 
+@pytest.mark.train
 def test_plain_config_trains_a_plain_detector(tmp_path):
     cfg = load_test_cfg("bccd/student_R18_FPN.yaml", tmp_path)
     trainer = train(cfg)
@@ -162,6 +167,7 @@ def test_one_seed_gives_baseline_and_distilled_student_the_same_start_and_data(t
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.train
 def test_teacher_is_evaluated_once_and_reported_beside_the_student(tmp_path, teacher_r18_weights, monkeypatch):
     register_subset_dataset("robust_bccd_test_1", "bccd_test", 1)
     cfg = distill_cfg(FITNET, tmp_path, teacher_r18_weights, opts=["DISTILL.EVAL_TEACHER", True], max_iter=2)
@@ -187,7 +193,7 @@ def test_teacher_is_evaluated_once_and_reported_beside_the_student(tmp_path, tea
     assert len(evaluations) == 2, "evaluated after iteration 0 and at the end"
     assert len(calls) == 1, "the frozen teacher is evaluated once"
     assert os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "model_best.pth")), "BestCheckpointer(bbox/AP) still works"
-    assert set(trainer._last_eval_results) == {"bbox", "teacher/bbox"}
+    assert set(trainer.last_eval_results) == {"bbox", "teacher/bbox"}
 
 
 def test_eval_only_reports_teacher_beside_student(tmp_path, teacher_r18_weights):

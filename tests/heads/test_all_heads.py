@@ -18,7 +18,7 @@ from d2kd.data.subset import register_subset_dataset
 from d2kd.heads import DISTILL_HEAD_REGISTRY, BuildContext, DistillConfigError, build_distill_heads
 from d2kd.modeling.distiller import DistillationModel
 from d2kd.modeling.schedule import DistillSchedule
-from d2kd.modeling.teacher import build_teacher
+from d2kd.modeling.teacher import build_teacher, build_teacher_cfg
 
 from conftest import (
     CONFIGS,
@@ -67,6 +67,7 @@ def degenerate_batch(cfg):
     return batch
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("head", registered_heads())
 def test_every_head_handles_empty_crowd_and_tiny_boxes(tmp_path, head):
     """
@@ -109,6 +110,7 @@ def test_every_head_handles_empty_crowd_and_tiny_boxes(tmp_path, head):
 ALL_HEADS = ["fgfi", "defeat", "fgd"]
 
 
+@pytest.mark.train
 def test_real_models_images_without_boxes_and_no_teacher_gradient(tmp_path, teacher_r18_weights):
     cfg = distill_cfg(
         "bccd/distill_fgfi_R50_R18.yaml",
@@ -118,8 +120,8 @@ def test_real_models_images_without_boxes_and_no_teacher_gradient(tmp_path, teac
     )
     torch.manual_seed(0)
     student = build_model(cfg)
-    teacher = build_teacher(cfg)
-    heads = build_distill_heads(cfg, BuildContext(student, teacher, cfg, teacher.d2kd_cfg))
+    teacher, teacher_cfg = build_teacher(cfg)
+    heads = build_distill_heads(cfg, BuildContext(student, teacher, cfg, teacher_cfg))
     model = DistillationModel(student, teacher, heads, DistillSchedule.from_config(cfg))
     model.train()
 
@@ -164,7 +166,7 @@ def test_two_stage_methods_on_retinanet_are_build_time_errors(retina_pair, retin
     cfg = heads_cfg(retina_pair, [head], opts)
     student, teacher = retina_models
     with pytest.raises(DistillConfigError, match=match) as info:
-        build_distill_heads(cfg, BuildContext(student, teacher, cfg, teacher.d2kd_cfg))
+        build_distill_heads(cfg, BuildContext(student, teacher, cfg, build_teacher_cfg(cfg)))
     assert "RetinaNet" in str(info.value), "the error should name the detector that lacks the part"
 
 
@@ -185,6 +187,7 @@ FEATURE_HEADS = [
 ]
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("head,config,opts", FEATURE_HEADS, ids=[h for h, _, _ in FEATURE_HEADS])
 def test_feature_heads_on_retinanet_levels(tmp_path, retina_r18_weights, retina_models, head, config, opts):
     """One training forward on RetinaNet p3..p7 (one image without ground truth): finite terms."""
@@ -194,7 +197,7 @@ def test_feature_heads_on_retinanet_levels(tmp_path, retina_r18_weights, retina_
     cfg = distill_cfg(config, tmp_path, retina_r18_weights, teacher_config=RETINA_STUDENT, opts=opts)
     cfg.DISTILL.HEADS = [head, "densekd"]
     student, teacher = retina_models
-    heads = build_distill_heads(cfg, BuildContext(student, teacher, cfg, teacher.d2kd_cfg))
+    heads = build_distill_heads(cfg, BuildContext(student, teacher, cfg, build_teacher_cfg(cfg)))
     model = DistillationModel(student, teacher, heads, DistillSchedule.from_config(cfg))
     try:
         losses = step(model, synthetic_batch())

@@ -346,15 +346,16 @@ def test_teacher_with_other_anchors_fails_at_build(models, tmp_path):
 PRESETS = {
     FULL: ["rpn_cls", "rpn_cls_hard", "rpn_reg", "rcn_cls", "rcn_cls_hard", "rcn_reg",
            "hint_p2", "hint_p3", "hint_p4", "hint_p5"],
-    "bccd/ablation/chen2017_CLS.yaml": ["rpn_cls", "rpn_cls_hard", "rcn_cls", "rcn_cls_hard"],
-    "bccd/ablation/chen2017_CLS-W.yaml": ["rpn_cls", "rpn_cls_hard", "rcn_cls", "rcn_cls_hard"],
-    "bccd/ablation/chen2017_L2.yaml": ["rpn_reg", "rcn_reg"],
-    "bccd/ablation/chen2017_L2-B.yaml": ["rpn_reg", "rcn_reg"],
-    "bccd/ablation/chen2017_Hints.yaml": ["hint_p2", "hint_p3", "hint_p4", "hint_p5"],
-    "bccd/ablation/chen2017_Hints-A.yaml": ["hint_p2", "hint_p3", "hint_p4", "hint_p5"],
+    "../benchmarks/configs/bccd/ablation/chen2017_CLS.yaml": ["rpn_cls", "rpn_cls_hard", "rcn_cls", "rcn_cls_hard"],
+    "../benchmarks/configs/bccd/ablation/chen2017_CLS-W.yaml": ["rpn_cls", "rpn_cls_hard", "rcn_cls", "rcn_cls_hard"],
+    "../benchmarks/configs/bccd/ablation/chen2017_L2.yaml": ["rpn_reg", "rcn_reg"],
+    "../benchmarks/configs/bccd/ablation/chen2017_L2-B.yaml": ["rpn_reg", "rcn_reg"],
+    "../benchmarks/configs/bccd/ablation/chen2017_Hints.yaml": ["hint_p2", "hint_p3", "hint_p4", "hint_p5"],
+    "../benchmarks/configs/bccd/ablation/chen2017_Hints-A.yaml": ["hint_p2", "hint_p3", "hint_p4", "hint_p5"],
 }
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("config", sorted(PRESETS))
 def test_preset_trains_two_iterations(config, tmp_path, teacher_r18_weights):
     cfg = distill_cfg(config, tmp_path, teacher_r18_weights)
@@ -370,6 +371,7 @@ def test_preset_trains_two_iterations(config, tmp_path, teacher_r18_weights):
     assert has_adapters == (config.endswith(("R50_R18.yaml", "Hints-A.yaml")))
 
 
+@pytest.mark.train
 def test_images_without_gt_and_hard_term_matches_the_detector(tmp_path, teacher_r18_weights):
     cfg = distill_cfg(FULL, tmp_path, teacher_r18_weights)
     trainer = DistillTrainer(cfg)

@@ -134,6 +134,7 @@ def test_densekd_bad_options_and_mismatched_models():
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.train
 def test_retinanet_distillation_fitnet_p3_p7_and_densekd(tmp_path, retina_r18_weights):
     """2 iterations of RetinaNet -> RetinaNet: fitnet on p3..p7 and the sigmoid soft labels."""
     cfg = distill_cfg(

@@ -1,6 +1,5 @@
 """GKD (docs/methods/gkd.md): PGM maths and losses against numpy, the DDP broadcast, BCCD and RetinaNet runs."""
 
-import logging
 import math
 import os
 
@@ -25,13 +24,14 @@ from d2kd.heads.gkd.prototypes import (
     select_prototypes,
 )
 from d2kd.modeling.schedule import DistillSchedule
-from d2kd.modeling.teacher import build_teacher
+from d2kd.modeling.teacher import build_teacher, build_teacher_cfg
 
 from conftest import (
     RETINA_LEVELS,
     RETINA_STUDENT,
     distill_cfg,
     heads_cfg,
+    log_messages,
     save_random_checkpoint,
     step,
     synthetic_batch,
@@ -331,6 +331,7 @@ def _ddp_worker(out_dir):
     torch.save({"prototypes": prototypes, "valid": valid, "keys": keys}, os.path.join(out_dir, f"rank{rank}.pth"))
 
 
+@pytest.mark.train
 def test_prototypes_identical_on_two_ranks(tmp_path):
     # Two spawned CPU processes (gloo), as `train_net.py --num-gpus 2` starts them.
     launch(_ddp_worker, 2, dist_url="auto", args=(str(tmp_path),))
@@ -352,15 +353,6 @@ def _rank_feats(rank):
 # --------------------------------------------------------------------------------------------
 # A short BCCD run
 # --------------------------------------------------------------------------------------------
-class _ListHandler(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 PGM_TINY = ["DISTILL.GKD.PGM.MAX_IMAGES_PER_CLASS", 1]
 
 
@@ -368,23 +360,18 @@ PGM_TINY = ["DISTILL.GKD.PGM.MAX_IMAGES_PER_CLASS", 1]
 def gkd_run(tmp_path_factory, teacher_r18_weights):
     out = tmp_path_factory.mktemp("gkd")
     cfg = distill_cfg("bccd/distill_gkd_R50_R18.yaml", out / "run", teacher_r18_weights, opts=PGM_TINY, max_iter=2)
-    handler = _ListHandler()
-    pgm_logger = logging.getLogger("d2kd.heads.gkd.prototype_hook")
-    pgm_logger.addHandler(handler)
-    pgm_logger.setLevel(logging.INFO)
-    try:
+    with log_messages("d2kd.heads.gkd.prototype_hook") as messages:
         trainer = DistillTrainer(cfg)
         trainer.resume_or_load(resume=False)
         trainer.train()
-    finally:
-        pgm_logger.removeHandler(handler)
-    return cfg, trainer, handler.messages
+    return cfg, trainer, messages
 
 
 def _hook(trainer):
     return next(h for h in trainer._hooks if isinstance(h, PrototypeHook))
 
 
+@pytest.mark.train
 def test_short_bccd_run_all_terms_finite_and_logged(gkd_run):
     cfg, trainer, messages = gkd_run
     head = trainer.heads["gkd"]
@@ -405,6 +392,7 @@ def test_short_bccd_run_all_terms_finite_and_logged(gkd_run):
     assert 0.0 <= w <= 1.0
 
 
+@pytest.mark.train
 def test_resume_restores_prototypes_without_recomputing(gkd_run):
     cfg, trainer, _ = gkd_run
     saved = {k: v.clone() for k, v in trainer.heads.state_dict().items() if "prototype" in k}
@@ -429,6 +417,7 @@ def test_resume_restores_prototypes_without_recomputing(gkd_run):
     assert math.isfinite(resumed.storage.history("loss_kd_gkd_global_p2").latest())
 
 
+@pytest.mark.train
 def test_images_without_boxes_and_missing_prototypes(gkd_run):
     cfg, trainer, _ = gkd_run
     batch = next(iter(trainer.data_loader))
@@ -454,6 +443,7 @@ def test_images_without_boxes_and_missing_prototypes(gkd_run):
             head.prototype_iter.fill_(0)
 
 
+@pytest.mark.train
 def test_released_code_preset_has_no_global_term(gkd_run, teacher_r18_weights, tmp_path):
     _, trainer, _ = gkd_run
     cfg = distill_cfg(
@@ -463,7 +453,7 @@ def test_released_code_preset_has_no_global_term(gkd_run, teacher_r18_weights, t
     assert (opts.GLOBAL_WEIGHT, opts.BG_WEIGHT, opts.RESPONSE_WEIGHT, opts.KL_CLASS_MEAN, opts.LINEAR_DECAY) == (
         0.0, 4.0, 1.0, True, True,
     )
-    context = BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher.d2kd_cfg)
+    context = BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher_cfg)
     head = GKD(cfg, context)
     head.load_state_dict(trainer.heads["gkd"].state_dict())  # same buffers and adapters
     assert head.decay(1) == pytest.approx(0.5) and head.needs_prototypes
@@ -479,6 +469,7 @@ def test_released_code_preset_has_no_global_term(gkd_run, teacher_r18_weights, t
     assert all(float(losses[f"loss_kd_gkd_feat_p{l}"]) > 0 for l in range(2, 7))
 
 
+@pytest.mark.train
 @pytest.mark.parametrize(
     "opts, message",
     [
@@ -495,9 +486,10 @@ def test_bad_config_is_a_build_error(gkd_run, teacher_r18_weights, tmp_path, opt
     _, trainer, _ = gkd_run
     cfg = distill_cfg("bccd/distill_gkd_R50_R18.yaml", tmp_path, teacher_r18_weights, opts=opts)
     with pytest.raises(DistillConfigError, match=message):
-        GKD(cfg, BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher.d2kd_cfg))
+        GKD(cfg, BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher_cfg))
 
 
+@pytest.mark.train
 def test_robust_weight_floor(gkd_run, teacher_r18_weights, tmp_path):
     """Eq. 8 reaches -1 when the two spaces disagree; the head raises it to ROBUST_WEIGHT_FLOOR
     (default 0), and -1.0 keeps the code's raw weight."""
@@ -515,7 +507,7 @@ def test_robust_weight_floor(gkd_run, teacher_r18_weights, tmp_path):
     for floor, want in expected.items():
         opts = [] if floor == 0.0 else ["DISTILL.GKD.ROBUST_WEIGHT_FLOOR", floor]
         cfg = distill_cfg("bccd/distill_gkd_R50_R18.yaml", tmp_path / str(floor), teacher_r18_weights, opts=opts)
-        head = GKD(cfg, BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher.d2kd_cfg))
+        head = GKD(cfg, BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher_cfg))
         for cls in range(3):
             head.set_prototypes(0, cls, p_s[cls], p_t[cls])
         w = head._robust_weights(feats, feats, "p2", labels)
@@ -550,6 +542,7 @@ def test_prototype_update_schedule():
     assert run(make_hook(3, 6), 9, 10) == [9]
 
 
+@pytest.mark.train
 def test_head_terms_on_hand_made_records(gkd_run):
     """The head's wiring (levels, windows, robust weights, mask, KL) against numpy."""
     from detectron2.structures import Boxes, Instances
@@ -558,7 +551,7 @@ def test_head_terms_on_hand_made_records(gkd_run):
     from d2kd.heads import StepInputs
 
     cfg, trainer, _ = gkd_run
-    head = GKD(cfg, BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher.d2kd_cfg))
+    head = GKD(cfg, BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher_cfg))
     g = torch.Generator().manual_seed(0)
     c, k = 128, 10
     for level in range(5):
@@ -665,6 +658,7 @@ def gkd_retina_run(tmp_path_factory):
     return cfg, trainer
 
 
+@pytest.mark.train
 def test_retinanet_short_bccd_run_all_terms_finite(gkd_retina_run):
     cfg, trainer = gkd_retina_run
     assert list(cfg.DISTILL.GKD.IN_FEATURES) == ["p3", "p4", "p5", "p6", "p7"] and cfg.DISTILL.GKD.ANCHOR_KL == "binary"
@@ -699,9 +693,10 @@ def _retina_head(cfg, trainer, opts):
     cfg = cfg.clone()
     cfg.defrost()
     cfg.merge_from_list(["DISTILL.GKD.GLOBAL_WEIGHT", 0.0, "DISTILL.GKD.FEATURE_WEIGHT", 0.0] + list(opts))
-    return GKD(cfg, BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher.d2kd_cfg))
+    return GKD(cfg, BuildContext(trainer.student, trainer.teacher, cfg, trainer.teacher_cfg))
 
 
+@pytest.mark.train
 def test_anchor_response_on_hand_made_records(gkd_retina_run):
     """The RetinaNet response term (positive anchors, matched GT's Eq. 8 weight, binary KL,
     1 / #positive anchors) on hand-made records, against numpy."""
@@ -797,6 +792,7 @@ def test_anchor_response_on_hand_made_records(gkd_retina_run):
     assert float(plain(student, teacher, step_inputs)["resp"]) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.train
 def test_retinanet_bad_anchor_kl_is_a_build_error(gkd_retina_run):
     cfg, trainer = gkd_retina_run
     with pytest.raises(DistillConfigError, match="ANCHOR_KL must be one of"):
@@ -808,12 +804,13 @@ def test_retinanet_bad_anchor_kl_is_a_build_error(gkd_retina_run):
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.train
 def test_gkd_on_retinanet_uses_positive_anchors(retina_pair, retina_models):
     """GKD builds on two RetinaNets (response term on the dense head) and one training forward
     (one image without ground truth) gives finite global, feature and response terms."""
     cfg = heads_cfg(retina_pair, ["gkd"], ["DISTILL.GKD.IN_FEATURES", RETINA_LEVELS])
     student, teacher = retina_models
-    heads = build_distill_heads(cfg, BuildContext(student, teacher, cfg, teacher.d2kd_cfg))
+    heads = build_distill_heads(cfg, BuildContext(student, teacher, cfg, build_teacher_cfg(cfg)))
     head = heads["gkd"]
     assert head.teacher_parts == {"backbone", "dense"} and "label_anchors" in head.student_methods
     g = torch.Generator().manual_seed(0)
@@ -851,9 +848,9 @@ def test_gkd_mixed_pair_needs_the_response_term_off(tmp_path, retina_models, tea
     opts = ["DISTILL.HEADS", ["gkd"], "DISTILL.GKD.IN_FEATURES", ["p3", "p4", "p5", "p6"]]
     cfg = distill_cfg("bccd/distill_fitnet_FRCNN-R50_retinanet-R18.yaml", tmp_path, teacher_r18_weights, opts=opts)
     student, _ = retina_models
-    teacher = build_teacher(cfg)
+    teacher, teacher_cfg = build_teacher(cfg)
     assert type(teacher).__name__ == "GeneralizedRCNN"
-    context = BuildContext(student, teacher, cfg, teacher.d2kd_cfg)
+    context = BuildContext(student, teacher, cfg, teacher_cfg)
     with pytest.raises(DistillConfigError, match=r"teacher \(GeneralizedRCNN\) has none.*RESPONSE_WEIGHT 0"):
         build_distill_heads(cfg, context)
     cfg.DISTILL.GKD.RESPONSE_WEIGHT = 0.0

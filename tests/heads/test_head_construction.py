@@ -1,26 +1,29 @@
 """
 Every built-in head is ``@configurable``: built from a config (``Head(cfg, context)``, what
 ``build_distill_heads`` does) and from explicit arguments, it records the same modules, asks
-the teacher for the same parts and returns the same loss terms on the same inputs. A head
-written the old way (``__init__(cfg, context)``) still builds.
+the teacher for the same parts and returns the same loss terms on the same inputs. A user's
+head written the same way is built by ``build_distill_heads``, and the RoI mixin checks its models.
 """
 
-import pytest
+import inspect
 
-from d2kd.heads.base import detector_levels
+import pytest
 import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
 from d2kd import get_distill_cfg
 from d2kd.capture import Records
 from d2kd.heads import DISTILL_HEAD_REGISTRY, BuildContext, DistillConfigError, DistillHead, build_distill_heads
+from d2kd.heads.base import detector_levels
 from d2kd.heads.chen2017 import Chen2017
 from d2kd.heads.cwd import CWD
 from d2kd.heads.defeat import DeFeat
 from d2kd.heads.dense_kd import DenseKD
 from d2kd.heads.fbkd import FBKD
+from d2kd.heads.feature_imitation import FeatureImitationHead
 from d2kd.heads.fgd import FGD
 from d2kd.heads.fgfi import FGFI
 from d2kd.heads.fitnet import FitNet
@@ -29,7 +32,7 @@ from d2kd.heads.hgd import HGD
 from d2kd.heads.hgd.stage_matching import match_stages
 from d2kd.heads.kd import KD
 from d2kd.heads.roi_logits import RoILogitsMixin
-from d2kd.modeling.feature_pairs import FeaturePairing
+from d2kd.modeling.feature_pairs import FeaturePairing, add_feature_pairing_config
 from conftest import fake_fpn_context, head_step_terms, load_test_cfg
 
 RCNN = "bccd/student_R18_FPN.yaml"
@@ -195,7 +198,7 @@ def test_chen2017(tmp_path):
 
 
 def test_chen2017_checks_the_detectors_before_the_hint_features(tmp_path):
-    """As before the conversion: a RetinaNet (no RPN, no p2) is reported as a model without an RPN."""
+    """A RetinaNet (no RPN; its default hint levels are its own p3..p7) is reported as a model without an RPN."""
     cfg, s, t = _models(RETINANET, tmp_path)
     with pytest.raises(DistillConfigError, match=r"distils the RPN, but the student \(RetinaNet\)"):
         _from_cfg(Chen2017, cfg, s, t)
@@ -247,64 +250,74 @@ def test_dense_kd(tmp_path):
         DenseKD(student=s, teacher=t, form="js")
 
 
-# ---------------------------------------------------------------------------- heads written the old way
-class OldStyleHead(DistillHead):
-    """A user's head as the README used to show it: ``__init__(cfg, context)``."""
+# ---------------------------------------------------------------------------- a user's heads
+class UserHead(DistillHead):
+    """A user's head as docs/usage.md shows it: ``@configurable`` with ``from_config``."""
 
     @classmethod
     def add_config(cls, cfg):
-        cfg.DISTILL.OLDSTYLEHEAD = CN({"WEIGHT": 2.0})
+        cfg.DISTILL.USERHEAD = CN({"WEIGHT": 2.0})
 
-    def __init__(self, cfg, context):
-        super().__init__(cfg, context)
-        self.weight = self.options(cfg).WEIGHT
-        self.channels = context.student.backbone.channels
+    @configurable
+    def __init__(self, *, weight: float = 2.0, channels: int):
+        super().__init__()
+        self.weight = weight
+        self.channels = channels
         self.student_modules = ["backbone"]
         self.teacher_modules = ["backbone"]
         self.teacher_parts = {"backbone"}
+
+    @classmethod
+    def from_config(cls, cfg, context):
+        return {"weight": cls.options(cfg).WEIGHT, "channels": context.student.backbone.channels}
 
     def forward(self, student, teacher, step):
         s, t = student.output("backbone")["p2"], teacher.output("backbone")["p2"]
         return {"p2": self.weight * (s - t).pow(2).mean()}
 
 
-class OldStyleRoIHead(RoILogitsMixin, DistillHead):
-    """The mixins still take the BuildContext positionally."""
+class UserRoIHead(RoILogitsMixin, DistillHead):
+    """A user's head on the RoI logits: the mixin checks the two models it is given."""
 
     @classmethod
     def add_config(cls, cfg):
-        cfg.DISTILL.OLDSTYLEROIHEAD = CN({"WEIGHT": 1.0})
+        cfg.DISTILL.USERROIHEAD = CN({"WEIGHT": 1.0})
 
-    def __init__(self, cfg, context):
-        super().__init__(cfg, context)
-        self._require_roi_logits(context)
+    @configurable
+    def __init__(self, *, student, teacher):
+        super().__init__()
+        self._require_roi_logits(student, teacher)
+
+    @classmethod
+    def from_config(cls, cfg, context):
+        return {"student": context.student, "teacher": context.teacher}
 
     def forward(self, student, teacher, step):
         return {}
 
 
 @pytest.fixture
-def old_style_heads():
+def user_heads():
     from d2kd.config import defaults
 
-    for head in (OldStyleHead, OldStyleRoIHead):
+    for head in (UserHead, UserRoIHead):
         DISTILL_HEAD_REGISTRY.register(head)
     try:
         yield
     finally:
-        for head in (OldStyleHead, OldStyleRoIHead):
+        for head in (UserHead, UserRoIHead):
             DISTILL_HEAD_REGISTRY._obj_map.pop(head.__name__)
             defaults._CONFIG_EXTENSIONS.remove(head.add_config)
 
 
-def test_old_style_user_head_is_built_by_build_distill_heads(old_style_heads):
+def test_user_head_is_built_by_build_distill_heads(user_heads):
     cfg = get_distill_cfg()
-    cfg.DISTILL.HEADS = ["OldStyleHead", "FitNet"]
-    cfg.DISTILL.OLDSTYLEHEAD.WEIGHT = 3.0
+    cfg.DISTILL.HEADS = ["UserHead", "FitNet"]
+    cfg.DISTILL.USERHEAD.WEIGHT = 3.0
     cfg.DISTILL.FITNET.IN_FEATURES = ["p2"]
     heads = build_distill_heads(cfg, fake_fpn_context(4, 4))
-    assert list(heads) == ["oldstylehead", "fitnet"]
-    head = heads["oldstylehead"]
+    assert list(heads) == ["userhead", "fitnet"]
+    head = heads["userhead"]
     assert head.weight == 3.0 and head.channels == 4
     assert head.student_modules == ["backbone"] and head.teacher_parts == {"backbone"} and head.student_methods == []
     s, t = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
@@ -312,23 +325,62 @@ def test_old_style_user_head_is_built_by_build_distill_heads(old_style_heads):
     assert out["p2"].item() == pytest.approx(3.0)
 
 
-def test_old_style_mixin_call_with_a_context(old_style_heads, tmp_path):
+def test_user_head_with_the_roi_mixin(user_heads, tmp_path):
     cfg, s, t = _models(RCNN, tmp_path)
-    cfg.DISTILL.HEADS = ["OldStyleRoIHead"]
-    head = build_distill_heads(cfg, BuildContext(s, t, cfg, cfg))["oldstyleroihead"]
+    cfg.DISTILL.HEADS = ["UserRoIHead"]
+    head = build_distill_heads(cfg, BuildContext(s, t, cfg, cfg))["userroihead"]
     assert head.teacher_parts == {"roi_box"} and head.student_methods == ["roi_heads.label_and_sample_proposals"]
-    with pytest.raises(DistillConfigError, match=r"Head 'oldstyleroihead' distils the RoI box head"):
+    with pytest.raises(DistillConfigError, match=r"Head 'userroihead' distils the RoI box head"):
         build_distill_heads(cfg, fake_fpn_context(4, 4))
 
 
 def test_distill_head_needs_no_argument():
     head = DistillHead()
     assert head.name == "distillhead" and head.student_modules == [] and head.teacher_parts == set()
+    with pytest.raises(TypeError):
+        DistillHead(get_distill_cfg(), None)  # one way to build a head: @configurable
+
+
+class UserL1Hint(FeatureImitationHead):
+    """A new FPN method: its options and its loss, nothing else (the FeatureImitationHead docstring)."""
+
+    @classmethod
+    def add_config(cls, cfg):
+        cfg.DISTILL.USERL1HINT = CN({"WEIGHT": 1.0})
+        add_feature_pairing_config(cfg.DISTILL.USERL1HINT)
+
+    def level_loss(self, level, adapted, target):
+        return (adapted - target.detach()).abs().mean()
+
+
+def test_feature_imitation_head_is_its_loss_plus_its_options():
+    from d2kd.config import defaults
+
+    DISTILL_HEAD_REGISTRY.register(UserL1Hint)
+    try:
+        cfg = get_distill_cfg()
+        cfg.DISTILL.HEADS = ["UserL1Hint"]
+        cfg.DISTILL.USERL1HINT.IN_FEATURES = ["p2", "p3"]
+        cfg.DISTILL.USERL1HINT.WEIGHT = 0.5
+        cfg.DISTILL.USERL1HINT.ADAPTER.ENABLED = False
+        head = build_distill_heads(cfg, fake_fpn_context(2, 2))["userl1hint"]
+    finally:
+        DISTILL_HEAD_REGISTRY._obj_map.pop("UserL1Hint")
+        defaults._CONFIG_EXTENSIONS.remove(UserL1Hint.add_config)
+    assert head.weight == 0.5 and head.pairing.names == ["p2", "p3"] and not list(head.parameters())
+    assert head.student_modules == ["backbone"] and head.teacher_modules == ["backbone"]
+    assert head.teacher_parts == {"backbone"}
+    s = {"p2": torch.full((1, 2, 4, 4), 3.0), "p3": torch.full((1, 2, 2, 2), -1.0)}
+    t = {"p2": torch.ones(1, 2, 4, 4), "p3": torch.ones(1, 2, 2, 2)}
+    out = head(Records({"backbone": [((), s)]}), Records({"backbone": [((), t)]}), None)
+    assert set(out) == {"p2", "p3"}
+    assert out["p2"].item() == pytest.approx(0.5 * 2.0) and out["p3"].item() == pytest.approx(0.5 * 2.0)
 
 
 def test_built_in_heads_are_configurable():
-    """``Head(cfg, context)`` goes through ``from_config``; every built-in head has one."""
+    """``Head(cfg, context)`` goes through ``from_config``; every built-in head has one (its own
+    or, for the FPN feature-imitation heads, FeatureImitationHead's)."""
     for name, head_class in DISTILL_HEAD_REGISTRY:
         if head_class.__module__.startswith("d2kd.heads"):
-            assert "from_config" in vars(head_class), name
+            assert isinstance(inspect.getattr_static(head_class, "from_config", None), classmethod), name
             assert hasattr(head_class.__init__, "__wrapped__"), f"{name}.__init__ is not @configurable"

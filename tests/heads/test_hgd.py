@@ -250,7 +250,8 @@ def test_invalid_options_fail_at_build_time():
 
 def test_shipped_configs_build_on_r18_r50_shapes():
     paths = [os.path.join(CONFIGS, "bccd", "distill_hgd_R50_R18.yaml")]
-    paths += sorted(glob.glob(os.path.join(CONFIGS, "bccd", "hgd_variants", "*.yaml")))
+    variants = os.path.join(CONFIGS, os.pardir, "benchmarks", "configs", "bccd", "hgd_variants")
+    paths += sorted(glob.glob(os.path.join(variants, "*.yaml")))
     assert len(paths) >= 6
     for path in paths:
         cfg = get_distill_cfg()
@@ -478,6 +479,7 @@ def test_running_statistics_are_buffers_that_survive_a_reload():
 # A 2-iteration BCCD run with the R50 teacher and the R18 student
 
 
+@pytest.mark.train
 def test_bccd_run_logs_every_stage_term_and_weight(tmp_path, teacher_r50_weights):
     from d2kd import DistillTrainer
 

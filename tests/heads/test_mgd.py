@@ -211,12 +211,14 @@ def _two_iterations(cfg, keys):
     return trainer
 
 
+@pytest.mark.train
 def test_mgd_two_bccd_iterations_faster_rcnn(tmp_path, teacher_r18_weights):
     cfg = distill_cfg("bccd/distill_mgd_R50_R18.yaml", tmp_path, teacher_r18_weights)
     assert (cfg.DISTILL.MGD.ALPHA, cfg.DISTILL.MGD.LAMBDA) == (5e-7, 0.45)
     _two_iterations(cfg, [f"loss_kd_mgd_p{i}" for i in range(2, 6)])
 
 
+@pytest.mark.train
 def test_mgd_two_bccd_iterations_retinanet(tmp_path, retina_r18_weights):
     cfg = distill_cfg(
         "bccd/distill_mgd_retinanet_R50_R18.yaml", tmp_path, retina_r18_weights, teacher_config=RETINA_STUDENT

@@ -162,12 +162,14 @@ def _two_iterations(cfg, keys):
     return trainer
 
 
+@pytest.mark.train
 def test_pkd_two_bccd_iterations_faster_rcnn(tmp_path, teacher_r18_weights):
     cfg = distill_cfg("bccd/distill_pkd_R50_R18.yaml", tmp_path, teacher_r18_weights)
     assert cfg.DISTILL.HEADS == ["pkd"] and cfg.DISTILL.PKD.WEIGHT == 6.0
     _two_iterations(cfg, [f"loss_kd_pkd_p{i}" for i in range(2, 6)])
 
 
+@pytest.mark.train
 def test_pkd_two_bccd_iterations_retinanet(tmp_path, retina_r18_weights):
     cfg = distill_cfg(
         "bccd/distill_pkd_retinanet_R50_R18.yaml", tmp_path, retina_r18_weights, teacher_config=RETINA_STUDENT

@@ -208,6 +208,7 @@ class DeviceLessFactories(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("config", bccd_presets(), ids=lambda c: os.path.basename(c)[len("distill_"):-len(".yaml")])
 def test_step_creates_no_tensor_on_the_default_device(tmp_path, precision_teachers, config):
     """

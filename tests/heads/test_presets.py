@@ -26,6 +26,7 @@ def test_coco_configs_load():
     assert cfg.DISTILL.CWD.WEIGHT == 10.0 and cfg.DISTILL.CWD.TAU == 1.0
 
 
+@pytest.mark.train
 @pytest.mark.parametrize(
     "config, head, form",
     [
@@ -75,6 +76,7 @@ def test_two_iteration_bccd_run(tmp_path, teacher_r18_weights, config, head, for
     assert len(kd) == len(keys) and all(torch.isfinite(v) for v in kd.values())
 
 
+@pytest.mark.train
 @pytest.mark.parametrize(
     "config, head, extra",
     [

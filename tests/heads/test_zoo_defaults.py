@@ -31,6 +31,7 @@ def _with_masks(batch):
     return batch
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("detector", sorted(ZOO))
 def test_every_head_on_a_zoo_student_with_nothing_but_heads(detector, tmp_path):
     zoo_config, heads, levels = ZOO[detector]

@@ -29,6 +29,7 @@ from conftest import (
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.train
 def test_mobilenet_v2_student_from_torchvision_weights(tmp_path, teacher_r18_weights):
     import torchvision
 

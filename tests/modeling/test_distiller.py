@@ -70,6 +70,7 @@ def test_retinanet_configs_mirror_the_rcnn_base():
     assert isinstance(model.head.cls_subnet[1], nn.GroupNorm) and model.anchor_generator.num_anchors == [9] * 5
 
 
+@pytest.mark.train
 def test_faster_rcnn_teacher_distils_retinanet_student(tmp_path, teacher_r18_weights):
     cfg = distill_cfg("bccd/distill_fitnet_FRCNN-R50_retinanet-R18.yaml", tmp_path, teacher_r18_weights)
     assert cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
@@ -94,6 +95,7 @@ def tiny_mask_dataset():
     return name
 
 
+@pytest.mark.train
 def test_mask_rcnn_student_keeps_its_mask_head_training(tmp_path, teacher_r18_weights, tiny_mask_dataset):
     opts = ["MODEL.MASK_ON", True, "DATASETS.TRAIN", (tiny_mask_dataset,), "DISTILL.HEADS", ["fitnet", "kd"]]
     cfg = distill_cfg("bccd/distill_fitnet_R50_R18.yaml", tmp_path, teacher_r18_weights, opts=opts)
@@ -133,6 +135,7 @@ def test_each_model_gets_its_own_format_and_normalisation(tmp_path, teacher_r18_
     assert not t_in[0, :, 100:, :].any() and not t_in[0, :, :, 120:].any()  # zero padding
 
 
+@pytest.mark.train
 def test_low_resolution_student_teacher_at_twice_the_resolution(tmp_path, teacher_r18_weights):
     """INPUT_SCALE 2: teacher input, feature correspondence and RoI boxes end to end."""
     cfg = distill_cfg("bccd/distill_fitnet_R50_R18_lowres.yaml", tmp_path, teacher_r18_weights)

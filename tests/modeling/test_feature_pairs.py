@@ -51,6 +51,7 @@ def test_feature_pairs_correspond_when_teacher_and_student_pad_differently():
     assert (stretched - teacher["p3"])[..., 1:-1, 1:-1].abs().max() > 8
 
 
+@pytest.mark.train
 def test_fpn_256_teacher_distils_fpn_128_student(tmp_path):
     teacher_cfg = load_test_cfg("bccd/teacher_R50_FPN256.yaml", tmp_path)
     assert teacher_cfg.MODEL.FPN.OUT_CHANNELS == 256 and teacher_cfg.MODEL.RESNETS.DEPTH == 50

@@ -42,6 +42,7 @@ def test_new_run_starts_neck_and_heads_from_the_teacher(tmp_path, teacher_r50_we
             assert torch.equal(after[k], before[k]), f"{k} changed"
 
 
+@pytest.mark.train
 def test_resumed_run_keeps_its_checkpoint_not_the_teacher(tmp_path, teacher_r50_weights):
     opts = ["SOLVER.CHECKPOINT_PERIOD", 2]
     cfg = distill_cfg(INHERIT, tmp_path, teacher_r50_weights, teacher_config=TEACHER, opts=opts, max_iter=2)
@@ -91,6 +92,7 @@ def test_report_lists_what_was_copied_and_what_was_kept():
     assert student["head"].weight.requires_grad  # still a trainable parameter
 
 
+@pytest.mark.train
 def test_check_reports_the_inheriting_and_its_errors(tmp_path, teacher_r50_weights, capsys):
     from d2kd.engine.check import run_check
 

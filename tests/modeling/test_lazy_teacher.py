@@ -31,13 +31,14 @@ def _cfg(tmp_path, weights, opts=THREE_CLASSES):
     return cfg
 
 
+@pytest.mark.train
 def test_lsj_teacher_distils_with_a_feature_and_a_roi_head(tmp_path, lsj_weights):
     trainer = train(_cfg(tmp_path, lsj_weights))
     teacher = trainer.teacher
     assert type(teacher).__name__ == "GeneralizedRCNN" and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
     assert teacher.roi_heads.box_predictor.num_classes == 3
-    assert teacher.d2kd_cfg.INPUT.FORMAT == "BGR"
+    assert trainer.teacher_cfg.INPUT.FORMAT == "BGR"
     losses = latest_losses(trainer)
     kd_terms = {k: v for k, v in losses.items() if k.startswith(("loss_kd_fitnet", "loss_kd_kd"))}
     assert any(k.startswith("loss_kd_fitnet") for k in kd_terms) and "loss_kd_kd" in kd_terms

@@ -56,17 +56,12 @@ def test_cap_and_off_mode():
     assert off.as_dict() == off.applied() == {"a": 1.0, "b": 1.0}
 
 
-def test_a_head_measured_at_zero_keeps_its_paper_weight_and_is_named(caplog):
+def test_a_head_measured_at_zero_keeps_its_paper_weight_and_is_named(d2kd_logs):
     balance = LossBalance(["a", "b"], mode="initial", target=0.5, measure_iters=2)
-    # Detectron2's setup_logger (run by other tests) stops "d2kd" propagating to the root: listen on the logger itself.
-    module_logger = logging.getLogger("d2kd.modeling.loss_balance")
-    module_logger.addHandler(caplog.handler)
-    try:
-        feed(balance, [0, 0], [0.1, 0.1], [1, 3])
-    finally:
-        module_logger.removeHandler(caplog.handler)
+    logs = d2kd_logs("d2kd.modeling.loss_balance", logging.WARNING)
+    feed(balance, [0, 0], [0.1, 0.1], [1, 3])
     assert balance.as_dict() == pytest.approx({"a": 1.0, "b": 0.5 * 2 / 0.1})
-    assert "['a']" in caplog.text and "DISTILL.LOSS_BALANCE.ITERS" in caplog.text
+    assert "['a']" in logs.text and "DISTILL.LOSS_BALANCE.ITERS" in logs.text
 
 
 def test_bad_options_are_named():
@@ -111,6 +106,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.train
 def test_two_ranks_apply_the_same_multipliers(tmp_path):
     script = tmp_path / "two_ranks.py"
     script.write_text(_TWO_RANKS)

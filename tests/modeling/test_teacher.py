@@ -1,7 +1,5 @@
 """The teacher: configs and weights that cannot be loaded fail before training; model-zoo teachers by name."""
 
-import logging
-
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -42,7 +40,7 @@ def test_teacher_config_not_found(tmp_path, teacher_r18_weights):
         DistillTrainer(cfg)
 
 
-def test_teacher_weights_with_missing_and_unexpected_keys(tmp_path, teacher_r18_weights):
+def test_teacher_weights_with_missing_and_unexpected_keys(tmp_path, teacher_r18_weights, d2kd_logs):
     checkpoint = torch.load(teacher_r18_weights, weights_only=True)
     model = checkpoint["model"]
     removed = model.pop("roi_heads.box_predictor.cls_score.bias")
@@ -60,15 +58,10 @@ def test_teacher_weights_with_missing_and_unexpected_keys(tmp_path, teacher_r18_
 
     # Partial loading when asked: loaded keys come from the file, a report is logged.
     cfg.DISTILL.TEACHER.STRICT_LOAD = False
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    teacher_logger = logging.getLogger("d2kd.modeling.teacher")
-    teacher_logger.addHandler(handler)
-    try:
-        teacher = build_teacher(cfg)
-    finally:
-        teacher_logger.removeHandler(handler)
+    logs = d2kd_logs("d2kd.modeling.teacher")
+    logs.clear()
+    teacher = build_teacher(cfg).model
+    records = logs.records
     state = teacher.state_dict()
     assert torch.equal(state["roi_heads.box_predictor.cls_score.weight"], model["roi_heads.box_predictor.cls_score.weight"])
     assert state["roi_heads.box_predictor.cls_score.bias"].shape == removed.shape
@@ -105,6 +98,7 @@ ZOO_CASES = {
 }
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("zoo_name", list(ZOO_CASES))
 def test_model_zoo_teacher_by_name(tmp_path, zoo_name):
     config, teacher_opts, head_opts, expected = ZOO_CASES[zoo_name]

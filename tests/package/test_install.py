@@ -41,6 +41,7 @@ def installed(tmp_path_factory):
     return target
 
 
+@pytest.mark.train
 def test_quick_start_from_another_directory_with_a_regular_install(installed, tmp_path):
     workdir = tmp_path / "work"
     workdir.mkdir()

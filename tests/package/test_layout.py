@@ -1,13 +1,11 @@
 """
 The package's layout: no import cycle between d2kd's subpackages (module-level or inside
-functions), the layering the design asks for, old import paths that name their new home,
-and nothing in the installed package that knows where the repository is.
+functions), the layering the design asks for, and nothing in the installed package that
+knows where the repository is.
 """
 
 import ast
-import importlib
 import os
-import warnings
 
 import pytest
 
@@ -113,40 +111,6 @@ def test_no_import_cycle_between_subpackages():
 )
 def test_layering(source, forbidden):
     assert (source, forbidden) not in subpackage_edges(), subpackage_edges().get((source, forbidden))
-
-
-@pytest.mark.parametrize(
-    "old,new",
-    [
-        ("d2kd.modeling.prototypes", "d2kd.heads.gkd.prototypes"),
-        ("d2kd.modeling.gc_block", "d2kd.heads.fgd.gc_block"),
-        ("d2kd.modeling.non_local", "d2kd.heads.fbkd.non_local"),
-        ("d2kd.modeling.imitation_mask", "d2kd.heads.fgfi.imitation_mask"),
-        ("d2kd.modeling.spatial_weights", "d2kd.heads.hgd.spatial_weights"),
-        ("d2kd.modeling.stage_matching", "d2kd.heads.hgd.stage_matching"),
-        ("d2kd.modeling.stage_weights", "d2kd.heads.hgd.stage_weights"),
-        ("d2kd.losses.weighted_soft_ce", "d2kd.heads.chen2017.weighted_soft_ce"),
-        ("d2kd.losses.bounded_regression", "d2kd.heads.chen2017.bounded_regression"),
-        ("d2kd.losses.focal_global", "d2kd.heads.fgd.focal_global"),
-    ],
-)
-def test_moved_module_names_its_new_home(old, new):
-    importlib.import_module(new)
-    with pytest.raises(ImportError, match=new.replace(".", r"\.")):
-        importlib.import_module(old)
-
-
-def test_old_prototype_hook_path_still_works_with_a_warning():
-    import sys
-
-    sys.modules.pop("d2kd.engine.prototype_hook", None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        from d2kd.engine.prototype_hook import PrototypeHook
-    from d2kd.heads.gkd.prototype_hook import PrototypeHook as moved
-
-    assert PrototypeHook is moved
-    assert any("d2kd.heads.gkd.prototype_hook" in str(w.message) for w in caught)
 
 
 def test_method_entry_points_keep_their_names():

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,6 +47,7 @@ def run(args, cwd):
     return result
 
 
+@pytest.mark.train
 def test_own_voc_data_from_yaml_only(tmp_path):
     project = tmp_path / "project"
     train_ids = [f"BloodImage_{i:05d}" for i in range(0, 8)]

@@ -12,6 +12,8 @@ from conftest import REPO
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import demo  # noqa: E402  (tools/demo.py)
 
+pytestmark = pytest.mark.train  # every test reads the quick demo's runs
+
 ROWS = ("| teacher |", "| baseline (student, no distillation) |", "| distilled (student, chen2017, no hints) |")
 
 

@@ -26,6 +26,7 @@ def test_presets_are_every_faster_rcnn_and_retinanet_coco_preset(gpu_check):
                                 if n.startswith("distill_") and n.endswith("_R101_R50.yaml") and "mask" not in n])
 
 
+@pytest.mark.train
 def test_gpu_check_quick_on_cpu(tmp_path, results_dir_untouched, gpu_check):
     """2 presets x fp32 / AMP (CPU bf16) / bf16 teacher, 1 + 2 steps at 128 px: finite terms, times, JSON and Markdown."""
     assert gpu_check.main(["--quick", "--device", "cpu", "--output-dir", str(tmp_path)]) == 0

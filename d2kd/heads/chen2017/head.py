@@ -21,8 +21,8 @@ from .weighted_soft_ce import (
 )
 from ...modeling.feature_pairs import FeaturePairing, add_feature_pairing_config, feature_pairing_from_config
 from ..base import DISTILL_HEAD_REGISTRY, DistillConfigError, DistillHead
-from ..roi_logits import RoILogitsMixin, check_roi_logits
-from ..rpn_outputs import RPNOutputsMixin, check_rpn_outputs, check_same_anchors
+from ..roi_logits import RoILogitsMixin
+from ..rpn_outputs import RPNOutputsMixin, check_same_anchors
 from ...losses.precision import fp32
 
 __all__ = ["Chen2017"]
@@ -141,26 +141,22 @@ class Chen2017(RPNOutputsMixin, RoILogitsMixin, DistillHead):
     ):
         super().__init__()
         key = f"DISTILL.{self.config_key()}"
-        self._validate(
-            CN(
-                {
-                    "STAGES": list(stages),
-                    "CLS": CN({"ENABLED": cls_enabled, "MU": mu, "TEMPERATURE": temperature, "BG_WEIGHT": bg_weight}),
-                    "REG": CN(
-                        {
-                            "ENABLED": reg_enabled,
-                            "MODE": reg_mode,
-                            "NORM": reg_norm,
-                            "LAMBDA": reg_lambda,
-                            "NU": reg_nu,
-                            "MARGIN_RPN": margin_rpn,
-                            "MARGIN_RCN": margin_rcn,
-                        }
-                    ),
-                    "HINT": CN({"ENABLED": hint_pairing is not None, "GAMMA": gamma}),
-                }
-            ),
+        _check_options(
             key,
+            stages=list(stages),
+            enabled={"CLS": cls_enabled, "REG": reg_enabled, "HINT": hint_pairing is not None},
+            mu=mu,
+            temperature=temperature,
+            bg_weight=bg_weight,
+            reg_mode=reg_mode,
+            reg_norm=reg_norm,
+            non_negative={
+                "REG.LAMBDA": reg_lambda,
+                "REG.NU": reg_nu,
+                "REG.MARGIN_RPN": margin_rpn,
+                "REG.MARGIN_RCN": margin_rcn,
+                "HINT.GAMMA": gamma,
+            },
         )
         self.stages = tuple(s for s in STAGES if s in stages)
         self.cls_enabled = cls_enabled and bool(self.stages)
@@ -174,19 +170,30 @@ class Chen2017(RPNOutputsMixin, RoILogitsMixin, DistillHead):
         self.reg_weight = reg_lambda * reg_nu
         self.margins = {"rpn": margin_rpn, "rcn": margin_rcn}
 
-        self._check_models(
-            self.name, key, student, teacher, self.stages, self.cls_enabled, self.reg_enabled, teacher_input_scale
-        )
         uses_outputs = self.cls_enabled or self.reg_enabled
         if uses_outputs and "rpn" in self.stages:
-            self._require_rpn_outputs(teacher_input_scale=teacher_input_scale, student=student, teacher=teacher)
+            self._require_rpn_outputs(student, teacher, teacher_input_scale)
+            if self.reg_enabled:
+                _check_same_transform(
+                    self.name, "RPN", student.proposal_generator, teacher.proposal_generator, "MODEL.RPN.BBOX_REG_WEIGHTS"
+                )
             rpn = student.proposal_generator
             self.rpn_normalizer_per_image = rpn.batch_size_per_image
             self.rpn_cls_weight = rpn.loss_weight.get("loss_rpn_cls", 1.0)
             self.rpn_transform = rpn.box2box_transform
             self.rpn_box_dim = rpn.anchor_generator.box_dim
         if uses_outputs and "rcn" in self.stages:
-            self._require_roi_logits(student=student, teacher=teacher)
+            self._require_roi_logits(student, teacher)
+            if self.cls_enabled:
+                _check_softmax_classifiers(key, student, teacher)
+            if self.reg_enabled:
+                _check_same_transform(
+                    self.name,
+                    "RoI box",
+                    student.roi_heads.box_predictor,
+                    teacher.roi_heads.box_predictor,
+                    "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS",
+                )
             predictor = student.roi_heads.box_predictor
             self.num_classes = student.roi_heads.num_classes
             loss_weight = predictor.loss_weight
@@ -203,22 +210,6 @@ class Chen2017(RPNOutputsMixin, RoILogitsMixin, DistillHead):
     @classmethod
     def from_config(cls, cfg, context):
         opts = cls.options(cfg, context)
-        key = f"DISTILL.{cls.config_key()}"
-        cls._validate(opts, key)
-        scale = cfg.DISTILL.TEACHER.INPUT_SCALE
-        # The models are checked before the hint adapters are built, so a detector without an
-        # RPN / box head is reported as such rather than as a missing hint feature.
-        stages = tuple(s for s in STAGES if s in opts.STAGES)
-        cls._check_models(
-            cls.registry_name(),
-            key,
-            context.student,
-            context.teacher,
-            stages,
-            opts.CLS.ENABLED and bool(stages),
-            opts.REG.ENABLED and bool(stages),
-            scale,
-        )
         return {
             "student": context.student,
             "teacher": context.teacher,
@@ -236,63 +227,8 @@ class Chen2017(RPNOutputsMixin, RoILogitsMixin, DistillHead):
             "margin_rcn": opts.REG.MARGIN_RCN,
             "hint_pairing": feature_pairing_from_config(opts.HINT, context, cfg) if opts.HINT.ENABLED else None,
             "gamma": opts.HINT.GAMMA,
-            "teacher_input_scale": scale,
+            "teacher_input_scale": cfg.DISTILL.TEACHER.INPUT_SCALE,
         }
-
-    @staticmethod
-    def _check_models(name, key, student, teacher, stages, cls_enabled, reg_enabled, teacher_input_scale):
-        """The checks of the RPN / RCN parts on the two models, in build order."""
-        uses_outputs = cls_enabled or reg_enabled
-        if uses_outputs and "rpn" in stages:
-            check_rpn_outputs(name, student, teacher, teacher_input_scale)
-            if reg_enabled:
-                _check_same_transform(
-                    name, "RPN", student.proposal_generator, teacher.proposal_generator, "MODEL.RPN.BBOX_REG_WEIGHTS"
-                )
-        if uses_outputs and "rcn" in stages:
-            check_roi_logits(name, student, teacher)
-            if cls_enabled:
-                for role, model in (("student", student), ("teacher", teacher)):
-                    if getattr(model.roi_heads.box_predictor, "use_sigmoid_ce", False):
-                        raise DistillConfigError(
-                            f"{key}.CLS distils a (K+1)-way softmax, but the {role}'s box predictor uses "
-                            "sigmoid cross entropy (MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE). Set it False, or "
-                            f"remove 'rcn' from {key}.STAGES / set {key}.CLS.ENABLED False."
-                        )
-            if reg_enabled:
-                _check_same_transform(
-                    name,
-                    "RoI box",
-                    student.roi_heads.box_predictor,
-                    teacher.roi_heads.box_predictor,
-                    "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS",
-                )
-
-    @staticmethod
-    def _validate(opts, key):
-        unknown = sorted(set(opts.STAGES) - set(STAGES))
-        if unknown:
-            raise DistillConfigError(f"{key}.STAGES has unknown entries {unknown}; use a subset of {list(STAGES)}.")
-        if not (opts.CLS.ENABLED or opts.REG.ENABLED or opts.HINT.ENABLED):
-            raise DistillConfigError(f"{key}: CLS, REG and HINT are all disabled; enable at least one.")
-        if (opts.CLS.ENABLED or opts.REG.ENABLED) and not opts.STAGES:
-            raise DistillConfigError(
-                f"{key}.STAGES is empty but CLS or REG is enabled; list 'rpn' and/or 'rcn', or disable them."
-            )
-        if not 0.0 <= opts.CLS.MU <= 1.0:
-            raise DistillConfigError(f"{key}.CLS.MU must be in [0, 1] (hard-label share), got {opts.CLS.MU}.")
-        if opts.CLS.TEMPERATURE <= 0:
-            raise DistillConfigError(f"{key}.CLS.TEMPERATURE must be > 0, got {opts.CLS.TEMPERATURE}.")
-        if opts.CLS.BG_WEIGHT < 0:
-            raise DistillConfigError(f"{key}.CLS.BG_WEIGHT must be >= 0, got {opts.CLS.BG_WEIGHT}.")
-        if opts.REG.MODE not in REG_MODES:
-            raise DistillConfigError(f"{key}.REG.MODE must be one of {list(REG_MODES)}, got '{opts.REG.MODE}'.")
-        if opts.REG.NORM not in REGRESSION_NORMS:
-            raise DistillConfigError(f"{key}.REG.NORM must be one of {list(REGRESSION_NORMS)}, got '{opts.REG.NORM}'.")
-        for name in ("REG.LAMBDA", "REG.NU", "REG.MARGIN_RPN", "REG.MARGIN_RCN", "HINT.GAMMA"):
-            group, field = name.split(".")
-            if opts[group][field] < 0:
-                raise DistillConfigError(f"{key}.{name} must be >= 0, got {opts[group][field]}.")
 
     # ------------------------------------------------------------------------------------
     def forward(self, student, teacher, step):
@@ -367,12 +303,49 @@ class Chen2017(RPNOutputsMixin, RoILogitsMixin, DistillHead):
         return per_sample.sum()
 
 
+def _check_options(key, *, stages, enabled, mu, temperature, bg_weight, reg_mode, reg_norm, non_negative):
+    """The option values of :class:`Chen2017`, each error naming its key under ``key``
+    (``enabled``: CLS, REG and HINT on or off; ``non_negative``: values by their key)."""
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise DistillConfigError(f"{key}.STAGES has unknown entries {unknown}; use a subset of {list(STAGES)}.")
+    if not any(enabled.values()):
+        raise DistillConfigError(f"{key}: CLS, REG and HINT are all disabled; enable at least one.")
+    if (enabled["CLS"] or enabled["REG"]) and not stages:
+        raise DistillConfigError(
+            f"{key}.STAGES is empty but CLS or REG is enabled; list 'rpn' and/or 'rcn', or disable them."
+        )
+    if not 0.0 <= mu <= 1.0:
+        raise DistillConfigError(f"{key}.CLS.MU must be in [0, 1] (hard-label share), got {mu}.")
+    if temperature <= 0:
+        raise DistillConfigError(f"{key}.CLS.TEMPERATURE must be > 0, got {temperature}.")
+    if bg_weight < 0:
+        raise DistillConfigError(f"{key}.CLS.BG_WEIGHT must be >= 0, got {bg_weight}.")
+    if reg_mode not in REG_MODES:
+        raise DistillConfigError(f"{key}.REG.MODE must be one of {list(REG_MODES)}, got '{reg_mode}'.")
+    if reg_norm not in REGRESSION_NORMS:
+        raise DistillConfigError(f"{key}.REG.NORM must be one of {list(REGRESSION_NORMS)}, got '{reg_norm}'.")
+    for name, value in non_negative.items():
+        if value < 0:
+            raise DistillConfigError(f"{key}.{name} must be >= 0, got {value}.")
+
+
 def _class_deltas(deltas: torch.Tensor, classes: torch.Tensor, box_dim: int = 4) -> torch.Tensor:
     """The ``box_dim`` columns of each row's class (class-specific) or the only ones (agnostic)."""
     if deltas.shape[1] == box_dim:
         return deltas
     rows = torch.arange(deltas.shape[0], device=deltas.device)
     return deltas.view(deltas.shape[0], deltas.shape[1] // box_dim, box_dim)[rows, classes]
+
+
+def _check_softmax_classifiers(key, student, teacher):
+    for role, model in (("student", student), ("teacher", teacher)):
+        if getattr(model.roi_heads.box_predictor, "use_sigmoid_ce", False):
+            raise DistillConfigError(
+                f"{key}.CLS distils a (K+1)-way softmax, but the {role}'s box predictor uses "
+                "sigmoid cross entropy (MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE). Set it False, or "
+                f"remove 'rcn' from {key}.STAGES / set {key}.CLS.ENABLED False."
+            )
 
 
 def _check_same_transform(head_name, what, student_module, teacher_module, option):

@@ -206,6 +206,15 @@ class FBKD(DistillHead):
         nld_norm: str = "GN",
     ):
         super().__init__()
+        _check_options(
+            form=form,
+            levels=list(pairing.names),
+            temperatures={"SPATIAL_TEMPERATURE": spatial_temperature, "CHANNEL_TEMPERATURE": channel_temperature},
+            paper_distance=paper_distance,
+            enabled=(at_enabled, am_enabled, nld_enabled),
+            nld_norm=nld_norm,
+            nld_lists={"INNER_CHANNELS": nld_inner_channels, "POOL_STRIDES": nld_pool_strides},
+        )
         self.form = form
         self.at_enabled, self.am_enabled, self.nld_enabled = at_enabled, am_enabled, nld_enabled
         self.spatial_temperature = spatial_temperature
@@ -214,27 +223,6 @@ class FBKD(DistillHead):
         self.paper_distance = paper_distance
         self.at_channel_weight, self.at_spatial_weight = at_channel_weight, at_spatial_weight
         self.am_weight, self.nld_weight = am_weight, nld_weight
-        self._validate_options(
-            CN(
-                {
-                    "FORM": form,
-                    "IN_FEATURES": list(pairing.names),
-                    "SPATIAL_TEMPERATURE": spatial_temperature,
-                    "CHANNEL_TEMPERATURE": channel_temperature,
-                    "PAPER_DISTANCE": paper_distance,
-                    "AT": CN({"ENABLED": at_enabled}),
-                    "AM": CN({"ENABLED": am_enabled}),
-                    "NLD": CN(
-                        {
-                            "ENABLED": nld_enabled,
-                            "NORM": nld_norm,
-                            "INNER_CHANNELS": list(nld_inner_channels),
-                            "POOL_STRIDES": list(nld_pool_strides),
-                        }
-                    ),
-                }
-            )
-        )
 
         self.pairing = pairing
         if not self.am_enabled:
@@ -269,7 +257,6 @@ class FBKD(DistillHead):
     @classmethod
     def from_config(cls, cfg, context):
         opts = cls.options(cfg, context)
-        cls._validate_options(opts)
         return {
             "pairing": feature_pairing_from_config(opts, context, cfg),
             "form": opts.FORM,
@@ -291,36 +278,6 @@ class FBKD(DistillHead):
         }
 
     # ---------------------------------------------------------------- build-time checks
-    @staticmethod
-    def _validate_options(opts):
-        key = "DISTILL.FBKD"
-        if opts.FORM not in FORMS:
-            raise DistillConfigError(f"{key}.FORM must be one of {FORMS}, got '{opts.FORM}'.")
-        if not (opts.AT.ENABLED or opts.AM.ENABLED or opts.NLD.ENABLED):
-            raise DistillConfigError(
-                f"{key}: AT, AM and NLD are all disabled; enable at least one (or remove 'fbkd' from DISTILL.HEADS)."
-            )
-        for name in ("SPATIAL_TEMPERATURE", "CHANNEL_TEMPERATURE"):
-            if opts[name] <= 0:
-                raise DistillConfigError(f"{key}.{name} must be > 0, got {opts[name]}.")
-        if opts.PAPER_DISTANCE not in PAPER_DISTANCES:
-            raise DistillConfigError(
-                f"{key}.PAPER_DISTANCE must be one of {PAPER_DISTANCES}, got '{opts.PAPER_DISTANCE}'."
-            )
-        if opts.NLD.NORM not in NON_LOCAL_NORMS:
-            raise DistillConfigError(f"{key}.NLD.NORM must be one of {NON_LOCAL_NORMS}, got '{opts.NLD.NORM}'.")
-        n = len(opts.IN_FEATURES)
-        for name in ("INNER_CHANNELS", "POOL_STRIDES"):
-            values = opts.NLD[name]
-            if values and len(values) != n:
-                raise DistillConfigError(
-                    f"{key}.NLD.{name} has {len(values)} entries but IN_FEATURES has {n} "
-                    f"({list(opts.IN_FEATURES)}); give one value per level, or leave it empty for the "
-                    "official values by level."
-                )
-            if any(int(v) != v or v < 1 for v in values):
-                raise DistillConfigError(f"{key}.NLD.{name} must hold positive integers, got {list(values)}.")
-
     def _validate_channels(self, channels: Dict[str, Tuple[int, int]]):
         differ = {n: c for n, c in channels.items() if c[0] != c[1]}
         if not differ:
@@ -398,3 +355,32 @@ class FBKD(DistillHead):
             nld = _frobenius(diff) if code else _per_image_distance(diff, self.paper_distance)
             out.append(("nld", self.nld_weight * nld))
         return out
+
+
+def _check_options(*, form, levels, temperatures, paper_distance, enabled, nld_norm, nld_lists):
+    """The option values of :class:`FBKD`, each error naming its key under ``DISTILL.FBKD``."""
+    key = "DISTILL.FBKD"
+    if form not in FORMS:
+        raise DistillConfigError(f"{key}.FORM must be one of {FORMS}, got '{form}'.")
+    if not any(enabled):
+        raise DistillConfigError(
+            f"{key}: AT, AM and NLD are all disabled; enable at least one (or remove 'fbkd' from DISTILL.HEADS)."
+        )
+    for name, value in temperatures.items():
+        if value <= 0:
+            raise DistillConfigError(f"{key}.{name} must be > 0, got {value}.")
+    if paper_distance not in PAPER_DISTANCES:
+        raise DistillConfigError(f"{key}.PAPER_DISTANCE must be one of {PAPER_DISTANCES}, got '{paper_distance}'.")
+    if nld_norm not in NON_LOCAL_NORMS:
+        raise DistillConfigError(f"{key}.NLD.NORM must be one of {NON_LOCAL_NORMS}, got '{nld_norm}'.")
+    n = len(levels)
+    for name, values in nld_lists.items():
+        values = list(values)
+        if values and len(values) != n:
+            raise DistillConfigError(
+                f"{key}.NLD.{name} has {len(values)} entries but IN_FEATURES has {n} "
+                f"({levels}); give one value per level, or leave it empty for the "
+                "official values by level."
+            )
+        if any(int(v) != v or v < 1 for v in values):
+            raise DistillConfigError(f"{key}.NLD.{name} must hold positive integers, got {values}.")

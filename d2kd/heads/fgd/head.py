@@ -131,7 +131,6 @@ class FGD(DistillHead):
     @classmethod
     def from_config(cls, cfg, context):
         opts = cls.options(cfg, context)
-        _check_options(opts.TEMPERATURE, opts.BOX_SCALE)
         teacher_names = list(opts.TEACHER_FEATURES) or list(opts.IN_FEATURES)
         s_shapes = feature_shapes(context.student, opts.IN_FEATURES, "student")
         t_shapes = feature_shapes(context.teacher, teacher_names, "teacher")

@@ -47,7 +47,8 @@ class FGFI(DistillHead):
     assigns it to, as DeFeat's FGFI reimplementation; False uses every box on every level.
 
     Warm-up: the official code skips imitation for its first 400 iterations (at batch 1):
-    ``WARMUP_ITERS`` (the head's ``warmup_iters``, on top of ``DISTILL.WARMUP_ITERS``).
+    ``WARMUP_ITERS`` (the head's ``warmup_iters``, on top of ``DISTILL.WARMUP_ITERS``), during
+    which the distillation model gives the head zero terms.
 
     Differences to note: the ReLU after the adapter follows the paper (VGG features are
     post-ReLU, hence non-negative); FPN outputs are signed, so a ReLU adapter cannot match
@@ -95,7 +96,7 @@ class FGFI(DistillHead):
         self.psi = psi
         self.assign_by_scale = assign_by_scale
         self.canonical_box_size = canonical_box_size_for(is_dense_detector(student), canonical_box_size)
-        self.warmup_iters = int(warmup_iters)  # also read by the loss balance and --check (DistillHead)
+        self.warmup_iters = int(warmup_iters)  # the distiller gives zero terms before it (DistillHead)
         self.pairing = pairing
         self.anchor_index = {n: anchor_features.index(n) for n in self.pairing.names}
         self.levels = {n: feature_level(s) for n, s in self.pairing.student_strides.items()}
@@ -104,8 +105,6 @@ class FGFI(DistillHead):
     @classmethod
     def from_config(cls, cfg, context):
         opts = cls.options(cfg, context)
-        _check_options(opts.PSI, opts.WARMUP_ITERS)
-        _anchor_source(context.student, opts.IN_FEATURES)
         return {
             "student": context.student,
             "pairing": feature_pairing_from_config(opts, context, cfg),
@@ -118,11 +117,6 @@ class FGFI(DistillHead):
 
     def forward(self, student, teacher, step):
         names = self.pairing.names
-        if step.iteration < self.warmup_iters:
-            # Zero terms that touch every adapter, so DDP sees the same parameters used.
-            start = student.output(self.anchor_path)[0].tensor.new_zeros(())  # on the step's device
-            zero = sum((p.sum() * 0.0 for p in self.parameters()), start)
-            return {name: zero for name in names}
         anchors = student.output(self.anchor_path)
         gt_boxes = [gt_boxes_of(inst) for inst in step.gt_instances]
         lo, hi = min(self.levels.values()), max(self.levels.values())

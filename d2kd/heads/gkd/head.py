@@ -215,11 +215,10 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
         node.RESPONSE_WEIGHT = 5.0
         # Eq. 8 robust weights on all terms (False: w = 1).
         node.ROBUST_WEIGHTS = True
-        # Lower bound of the Eq. 8 weight, which lies in [-1, 1]: an instance whose student and
-        # teacher similarities to their prototypes differ by more than 1 gets a negative weight,
-        # and its squared-error / KL term becomes one the optimiser maximises, without bound.
-        # 0.0 drops such instances (d2kd's default: the BCCD gkd run diverged without it,
-        # docs/accuracy_study.md); -1.0 keeps the code's unclamped weight.
+        # Lower bound of the Eq. 8 weight, which lies in [-1, 1]: a negative weight turns an
+        # instance's squared-error / KL term into one the optimiser maximises, without bound.
+        # 0.0 drops such instances (d2kd's default, docs/methods/gkd.md); -1.0 keeps the code's
+        # unclamped weight.
         node.ROBUST_WEIGHT_FLOOR = 0.0
         # Eq. 6 projection: "cosine" (released code) or "mp" (Eq. 5 coefficients, [UNVERIFIED]).
         node.PROJECTION = "cosine"
@@ -228,8 +227,7 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
         node.BG_WEIGHT = 0.0
         # Response KL temperature; KL_CLASS_MEAN: divide the KL by K+1 (K on RetinaNet), the
         # 1/(K+1) of the response formula (docs/methods/gkd.md, paper text + code). False sums over
-        # classes: with RESPONSE_WEIGHT 5 that is (K+1)x the scale, and it made the BCCD gkd run
-        # diverge once the second prototype update raised the robust weights (docs/accuracy_study.md).
+        # classes: with RESPONSE_WEIGHT 5 that is (K+1)x the scale.
         node.TEMPERATURE = 2.0
         node.KL_CLASS_MEAN = True
         # RetinaNet response on the sigmoid logits: "binary" (per-class binary KL) or "softmax"
@@ -270,21 +268,19 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
             raise ValueError(f"Unknown GKD prototype (PGM) options {unknown}; known: {sorted(PGM_DEFAULTS)}.")
         # The DISTILL.PGM options (read by the PrototypeHook too).
         self.pgm_options = CN({**PGM_DEFAULTS, **dict(pgm or {})})
-        self._validate(
-            CN(
-                {
-                    "PROJECTION": projection,
-                    "GLOBAL_WEIGHT": global_weight,
-                    "FEATURE_WEIGHT": feature_weight,
-                    "RESPONSE_WEIGHT": response_weight,
-                    "FG_WEIGHT": fg_weight,
-                    "BG_WEIGHT": bg_weight,
-                    "ROBUST_WEIGHT_FLOOR": robust_weight_floor,
-                    "TEMPERATURE": temperature,
-                    "ANCHOR_KL": anchor_kl,
-                    "PGM": self.pgm_options,
-                }
-            )
+        _check_options(
+            projection=projection,
+            weights={
+                "GLOBAL_WEIGHT": global_weight,
+                "FEATURE_WEIGHT": feature_weight,
+                "RESPONSE_WEIGHT": response_weight,
+                "FG_WEIGHT": fg_weight,
+                "BG_WEIGHT": bg_weight,
+            },
+            robust_weight_floor=robust_weight_floor,
+            temperature=temperature,
+            anchor_kl=anchor_kl,
+            pgm=self.pgm_options,
         )
         self.two_stage = self._check_student(student)
         self.global_weight = float(global_weight)
@@ -345,8 +341,6 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
     @classmethod
     def from_config(cls, cfg, context):
         opts = cls.options(cfg, context)
-        cls._validate(opts)
-        cls._check_student(context.student)
         train_sets = cfg.DATASETS.TRAIN
         thing_classes = MetadataCatalog.get(train_sets[0]).get("thing_classes", None) if train_sets else None
         return {
@@ -386,9 +380,9 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
         """Captures of the response term: RoI logits (two-stage) or dense outputs (RetinaNet)."""
         try:
             if self.two_stage:
-                self._require_roi_logits(student=student, teacher=teacher)
+                self._require_roi_logits(student, teacher)
             else:
-                self._require_dense_outputs(teacher_input_scale=self.input_scale, student=student, teacher=teacher)
+                self._require_dense_outputs(student, teacher, self.input_scale)
         except DistillConfigError as e:
             raise DistillConfigError(
                 f"{e} (GKD response term: DISTILL.GKD.RESPONSE_WEIGHT 0 keeps only the global and feature "
@@ -409,42 +403,6 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
                     )
                 self.student_modules.append(BOX_POOLER)
                 self.teacher_modules.append(BOX_POOLER)
-
-    @staticmethod
-    def _validate(opts):
-        problems = []
-        if opts.PROJECTION not in PROJECTIONS:
-            problems.append(f"PROJECTION must be one of {PROJECTIONS}, got {opts.PROJECTION!r}")
-        for key in ("GLOBAL_WEIGHT", "FEATURE_WEIGHT", "RESPONSE_WEIGHT", "FG_WEIGHT", "BG_WEIGHT"):
-            if opts[key] < 0:
-                problems.append(f"{key} must be >= 0, got {opts[key]}")
-        if opts.GLOBAL_WEIGHT == 0 and opts.FEATURE_WEIGHT == 0 and opts.RESPONSE_WEIGHT == 0:
-            problems.append("GLOBAL_WEIGHT, FEATURE_WEIGHT and RESPONSE_WEIGHT are all 0: nothing to distil")
-        if opts.FEATURE_WEIGHT > 0 and opts.FG_WEIGHT == 0 and opts.BG_WEIGHT == 0:
-            problems.append("FEATURE_WEIGHT > 0 but FG_WEIGHT and BG_WEIGHT are 0")
-        if not -1.0 <= opts.ROBUST_WEIGHT_FLOOR <= 1.0:
-            problems.append(f"ROBUST_WEIGHT_FLOOR must be in [-1, 1] (the range of Eq. 8), got {opts.ROBUST_WEIGHT_FLOOR}")
-        if opts.TEMPERATURE <= 0:
-            problems.append(f"TEMPERATURE must be > 0, got {opts.TEMPERATURE}")
-        if opts.ANCHOR_KL not in ANCHOR_KL_FORMS:
-            problems.append(f"ANCHOR_KL must be one of {ANCHOR_KL_FORMS}, got {opts.ANCHOR_KL!r}")
-        pgm = opts.PGM
-        if pgm.NUM_PROTOTYPES < 1:
-            problems.append(f"PGM.NUM_PROTOTYPES must be >= 1, got {pgm.NUM_PROTOTYPES}")
-        if pgm.ALPHA < 0:
-            problems.append(f"PGM.ALPHA must be >= 0, got {pgm.ALPHA}")
-        if pgm.PERIOD < 0:
-            problems.append(f"PGM.PERIOD must be >= 0 (0 = one epoch), got {pgm.PERIOD}")
-        if pgm.MAX_IMAGES_PER_CLASS < 1:
-            problems.append(f"PGM.MAX_IMAGES_PER_CLASS must be >= 1, got {pgm.MAX_IMAGES_PER_CLASS}")
-        if pgm.MIN_BOX_SIZE < 0:
-            problems.append(f"PGM.MIN_BOX_SIZE must be >= 0, got {pgm.MIN_BOX_SIZE}")
-        if pgm.DENSITY_KERNEL <= 0:
-            problems.append(f"PGM.DENSITY_KERNEL must be > 0, got {pgm.DENSITY_KERNEL}")
-        if not 0 <= pgm.DENSITY_PERCENTILE < 100:
-            problems.append(f"PGM.DENSITY_PERCENTILE must be in [0, 100), got {pgm.DENSITY_PERCENTILE}")
-        if problems:
-            raise DistillConfigError("Invalid DISTILL.GKD options: " + "; ".join(problems) + ".")
 
     # -- prototypes -----------------------------------------------------------------------
     @property
@@ -665,6 +623,43 @@ class GKD(RoILogitsMixin, DenseOutputsMixin, DistillHead):
             )
             weights = torch.cat(gt_weights)[torch.cat(inverse)]
         return student_logits[positive], teacher_logits[positive], weights
+
+
+def _check_options(*, projection, weights, robust_weight_floor, temperature, anchor_kl, pgm):
+    """The option values of :class:`GKD` (``weights``: the term weights by config key; ``pgm``:
+    the ``PGM`` node), all problems in one :class:`DistillConfigError` naming ``DISTILL.GKD``."""
+    problems = []
+    if projection not in PROJECTIONS:
+        problems.append(f"PROJECTION must be one of {PROJECTIONS}, got {projection!r}")
+    for key, value in weights.items():
+        if value < 0:
+            problems.append(f"{key} must be >= 0, got {value}")
+    if weights["GLOBAL_WEIGHT"] == 0 and weights["FEATURE_WEIGHT"] == 0 and weights["RESPONSE_WEIGHT"] == 0:
+        problems.append("GLOBAL_WEIGHT, FEATURE_WEIGHT and RESPONSE_WEIGHT are all 0: nothing to distil")
+    if weights["FEATURE_WEIGHT"] > 0 and weights["FG_WEIGHT"] == 0 and weights["BG_WEIGHT"] == 0:
+        problems.append("FEATURE_WEIGHT > 0 but FG_WEIGHT and BG_WEIGHT are 0")
+    if not -1.0 <= robust_weight_floor <= 1.0:
+        problems.append(f"ROBUST_WEIGHT_FLOOR must be in [-1, 1] (the range of Eq. 8), got {robust_weight_floor}")
+    if temperature <= 0:
+        problems.append(f"TEMPERATURE must be > 0, got {temperature}")
+    if anchor_kl not in ANCHOR_KL_FORMS:
+        problems.append(f"ANCHOR_KL must be one of {ANCHOR_KL_FORMS}, got {anchor_kl!r}")
+    if pgm.NUM_PROTOTYPES < 1:
+        problems.append(f"PGM.NUM_PROTOTYPES must be >= 1, got {pgm.NUM_PROTOTYPES}")
+    if pgm.ALPHA < 0:
+        problems.append(f"PGM.ALPHA must be >= 0, got {pgm.ALPHA}")
+    if pgm.PERIOD < 0:
+        problems.append(f"PGM.PERIOD must be >= 0 (0 = one epoch), got {pgm.PERIOD}")
+    if pgm.MAX_IMAGES_PER_CLASS < 1:
+        problems.append(f"PGM.MAX_IMAGES_PER_CLASS must be >= 1, got {pgm.MAX_IMAGES_PER_CLASS}")
+    if pgm.MIN_BOX_SIZE < 0:
+        problems.append(f"PGM.MIN_BOX_SIZE must be >= 0, got {pgm.MIN_BOX_SIZE}")
+    if pgm.DENSITY_KERNEL <= 0:
+        problems.append(f"PGM.DENSITY_KERNEL must be > 0, got {pgm.DENSITY_KERNEL}")
+    if not 0 <= pgm.DENSITY_PERCENTILE < 100:
+        problems.append(f"PGM.DENSITY_PERCENTILE must be in [0, 100), got {pgm.DENSITY_PERCENTILE}")
+    if problems:
+        raise DistillConfigError("Invalid DISTILL.GKD options: " + "; ".join(problems) + ".")
 
 
 def _put_scalar(name: str, values: torch.Tensor):

@@ -144,9 +144,7 @@ class HGD(DistillHead):
                 "TEMPERATURE": micro_temperature,
             }
         )
-        # The same checks as the config's (MATCH is the config's way to find the pairing).
-        macro = CN({"MODE": macro_mode})
-        _validate_options(CN({"MATCH": MATCH_MODES[0], "LOSS": self.loss_opts, "MICRO": self.micro, "MACRO": macro}))
+        _check_options(self.loss_opts, self.micro, macro_mode)
         stages = list(pairing.names)
         _check_stages(stages)
         self.weight = weight
@@ -166,9 +164,9 @@ class HGD(DistillHead):
     @classmethod
     def from_config(cls, cfg, context):
         opts = cls.options(cfg, context)
-        _validate_options(opts)
+        if opts.MATCH not in MATCH_MODES:
+            raise DistillConfigError(f"DISTILL.HGD.MATCH must be one of {MATCH_MODES}, got {opts.MATCH!r}.")
         stages = list(opts.IN_FEATURES)
-        _check_stages(stages)
         scale = cfg.DISTILL.TEACHER.INPUT_SCALE
         try:
             if opts.TEACHER_FEATURES:
@@ -247,8 +245,8 @@ class HGD(DistillHead):
         _log_stage_scalars(self.name, self.stages, raw, weights)
         terms = {stage: self.weight * weighted[stage] for stage in self.stages}
         if regulariser is not None:
-            # trains only the learned weights; the "_logvar" suffix keeps it out of the imitation
-            # total in benchmarks/study/loss_balance.py (REGULARIZER_SUFFIXES)
+            # Trains only the learned weights; the "_logvar" suffix marks a regulariser, not an
+            # imitation term.
             terms["logvar"] = self.weight * regulariser
         return terms
 
@@ -271,41 +269,35 @@ def _check_stages(stages):
         raise DistillConfigError(f"DISTILL.HGD.IN_FEATURES lists a stage twice: {stages}.")
 
 
-def _validate_options(opts):
-    """Every HGD option checked at build time, each error naming the option and its choices."""
+def _check_options(loss, micro, macro_mode):
+    """The LOSS and MICRO options and MACRO.MODE, each error naming the option and its choices
+    (the other MACRO options are checked by :class:`StageWeighting`)."""
     checks = [
-        (opts.MATCH in MATCH_MODES, f"DISTILL.HGD.MATCH must be one of {MATCH_MODES}, got {opts.MATCH!r}."),
         (
-            opts.LOSS.DISTANCE in IMITATION_DISTANCES,
-            f"DISTILL.HGD.LOSS.DISTANCE must be one of {IMITATION_DISTANCES}, got {opts.LOSS.DISTANCE!r}.",
+            loss.DISTANCE in IMITATION_DISTANCES,
+            f"DISTILL.HGD.LOSS.DISTANCE must be one of {IMITATION_DISTANCES}, got {loss.DISTANCE!r}.",
         ),
-        (opts.LOSS.SMOOTH_L1_BETA > 0, f"DISTILL.HGD.LOSS.SMOOTH_L1_BETA must be > 0, got {opts.LOSS.SMOOTH_L1_BETA}."),
+        (loss.SMOOTH_L1_BETA > 0, f"DISTILL.HGD.LOSS.SMOOTH_L1_BETA must be > 0, got {loss.SMOOTH_L1_BETA}."),
         (
-            opts.LOSS.CHANNEL_REDUCTION in ("mean", "sum"),
-            f"DISTILL.HGD.LOSS.CHANNEL_REDUCTION must be 'mean' or 'sum', got {opts.LOSS.CHANNEL_REDUCTION!r}.",
-        ),
-        (
-            opts.LOSS.NORMALIZER in ("weight_sum", "num_cells"),
-            f"DISTILL.HGD.LOSS.NORMALIZER must be 'weight_sum' or 'num_cells', got {opts.LOSS.NORMALIZER!r}.",
+            loss.CHANNEL_REDUCTION in ("mean", "sum"),
+            f"DISTILL.HGD.LOSS.CHANNEL_REDUCTION must be 'mean' or 'sum', got {loss.CHANNEL_REDUCTION!r}.",
         ),
         (
-            opts.LOSS.FEATURE_NORM in FEATURE_NORMS,
-            f"DISTILL.HGD.LOSS.FEATURE_NORM must be one of {FEATURE_NORMS}, got {opts.LOSS.FEATURE_NORM!r}.",
+            loss.NORMALIZER in ("weight_sum", "num_cells"),
+            f"DISTILL.HGD.LOSS.NORMALIZER must be 'weight_sum' or 'num_cells', got {loss.NORMALIZER!r}.",
         ),
         (
-            opts.MICRO.MODE in MICRO_MODES,
-            f"DISTILL.HGD.MICRO.MODE must be one of {MICRO_MODES}, got {opts.MICRO.MODE!r}.",
+            loss.FEATURE_NORM in FEATURE_NORMS,
+            f"DISTILL.HGD.LOSS.FEATURE_NORM must be one of {FEATURE_NORMS}, got {loss.FEATURE_NORM!r}.",
         ),
+        (micro.MODE in MICRO_MODES, f"DISTILL.HGD.MICRO.MODE must be one of {MICRO_MODES}, got {micro.MODE!r}."),
         (
-            opts.MICRO.FG_WEIGHT >= 0 and opts.MICRO.BG_WEIGHT >= 0 and opts.MICRO.FG_WEIGHT + opts.MICRO.BG_WEIGHT > 0,
-            f"DISTILL.HGD.MICRO.FG_WEIGHT ({opts.MICRO.FG_WEIGHT}) and BG_WEIGHT ({opts.MICRO.BG_WEIGHT}) must be "
+            micro.FG_WEIGHT >= 0 and micro.BG_WEIGHT >= 0 and micro.FG_WEIGHT + micro.BG_WEIGHT > 0,
+            f"DISTILL.HGD.MICRO.FG_WEIGHT ({micro.FG_WEIGHT}) and BG_WEIGHT ({micro.BG_WEIGHT}) must be "
             ">= 0 and not both 0.",
         ),
-        (opts.MICRO.TEMPERATURE > 0, f"DISTILL.HGD.MICRO.TEMPERATURE must be > 0, got {opts.MICRO.TEMPERATURE}."),
-        (
-            opts.MACRO.MODE in MACRO_MODES,
-            f"DISTILL.HGD.MACRO.MODE must be one of {MACRO_MODES}, got {opts.MACRO.MODE!r}.",
-        ),
+        (micro.TEMPERATURE > 0, f"DISTILL.HGD.MICRO.TEMPERATURE must be > 0, got {micro.TEMPERATURE}."),
+        (macro_mode in MACRO_MODES, f"DISTILL.HGD.MACRO.MODE must be one of {MACRO_MODES}, got {macro_mode!r}."),
     ]
     for ok, message in checks:
         if not ok:
