@@ -14,9 +14,10 @@ Two tiers (``make test`` runs every test, ``make test-fast`` runs ``pytest -m "n
   fast tier. "Trains" means any of: calls a Detectron2 trainer's ``train()`` or ``run_step()``
   (``DistillTrainer``/``DefaultTrainer``, so also ``train_net.main`` of a training run); runs a
   backward pass through more than ``DETECTOR_PARAMETERS`` parameters (a detector's training step,
-  also outside a trainer: benchmarks/, tools/gpu_check.py, a test's own step); starts worker processes with ``torch.multiprocessing`` (DDP, ``launch``
-  with more than one process); runs a Python script file in a subprocess (``train_net.py``,
-  ``tools/demo.py``, DDP workers; ``python -c`` and ``python -m`` are not refused).
+  also outside a trainer: benchmarks/, tools/gpu_check.py, ``--check``, a test's own step); starts
+  worker processes with ``torch.multiprocessing`` (DDP, ``launch`` with more than one process);
+  runs a Python script file in a subprocess (``train_net.py``, ``tools/demo.py``, DDP workers;
+  ``python -c`` and ``python -m`` are not refused).
 - The marker is enforced, so a new test lands in the right tier without anyone remembering it:
   in a test without it, each of these calls fails with "this test trains a detector: mark it
   @pytest.mark.train" (:func:`pytest_runtest_protocol`, for the test's fixtures too). Unknown
@@ -25,7 +26,8 @@ Two tiers (``make test`` runs every test, ``make test-fast`` runs ``pytest -m "n
   (``--dist loadfile``); every test starts from seeded global generators (random, numpy, torch),
   so it gives the same result alone, in either tier and on any worker.
 
-Logs: use the :func:`d2kd_logs` fixture, never ``logger.addHandler(caplog.handler)``. train_net
+Logs: use the :func:`d2kd_logs` fixture (in a module- or session-scoped fixture, where ``caplog``
+cannot go: :func:`log_messages`), never ``logger.addHandler(caplog.handler)``. train_net
 (Detectron2's ``setup_logger(name="d2kd")``) stops the "d2kd" logger propagating to the root,
 where older pytest listens, while pytest 9.2+ also attaches its handler to non-propagating
 loggers: a hand-added handler then sees every record twice.
@@ -162,6 +164,9 @@ def _forbid_training(patch):
     patch.setattr(subprocess, "Popen", _NoTrainingPopen)
 
 
+TEACHER_CHECKPOINT_SEED = 1
+
+
 def _seed_global_generators(seed=0):
     random.seed(seed)
     np.random.seed(seed)
@@ -279,7 +284,9 @@ def load_test_cfg(config_path, output_dir, opts=(), max_iter=2):
 def save_random_checkpoint(config_path, path, opts=()):
     """Build the model of ``config_path`` and save its (random) weights at ``path``."""
     cfg = load_test_cfg(config_path, os.path.dirname(path), opts)
-    torch.manual_seed(0)
+    # Not the tests' seed (_seed_global_generators): a student built at that seed must differ from
+    # the teacher, or feature-imitation terms start at exactly zero.
+    torch.manual_seed(TEACHER_CHECKPOINT_SEED)
     model = build_model(cfg)
     DetectionCheckpointer(model, save_dir=os.path.dirname(path)).save(os.path.basename(path)[: -len(".pth")])
     return path
